@@ -1,0 +1,1 @@
+"""pluristeer's Ray jobs and what feeds them: data loaders, collection, training, vectors, evaluation."""

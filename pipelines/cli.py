@@ -1,0 +1,95 @@
+"""The ``pluristeer`` command line: one sub-command per stage, plus ``demo`` and ``data``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    help="Align a language model to many perspectives: SAE steering vectors + pluralistic decoding on Ray.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+DataOpt = Annotated[Path | None, typer.Option("--data-dir", help="data directory (default: $PLURISTEER_DATA)")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config for this stage")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a config field: --set field=value")]
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def _not_built(stage: str, issue: int) -> None:
+    _fail(f"the '{stage}' stage is not built yet (issue #{issue}); `pluristeer demo` runs what exists")
+
+
+@app.command()
+def collect(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Collect residual-stream activations from a corpus into a sharded store (Ray Data)."""
+    _not_built("collect", 4)
+
+
+@app.command()
+def train(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Train sparse autoencoders (8x, 32x, ...) on an activation store (Ray Train)."""
+    _not_built("train", 5)
+
+
+@app.command()
+def vectors(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Derive per-perspective steering vectors from ≤50 samples and publish them."""
+    _not_built("vectors", 6)
+
+
+@app.command()
+def evaluate(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Run the paper's experiment protocol and write tables, plots and W&B runs."""
+    _not_built("evaluate", 8)
+
+
+@app.command()
+def serve(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Serve steered perspectives and pluralistic decoding over HTTP (Ray Serve)."""
+    _not_built("serve", 7)
+
+
+@app.command()
+def data(data_dir: DataOpt = None) -> None:
+    """List the data sets, their splits, record and perspective counts."""
+    from pipelines.demo import data_table
+    from pipelines.records import DataError
+
+    try:
+        data_table(data_dir)
+    except DataError as err:
+        _fail(str(err))
+
+
+@app.command()
+def demo(
+    data_dir: DataOpt = None,
+    model: Annotated[str, typer.Option(help="'embedded', a local path or a Hugging Face id")] = "embedded",
+    out: Annotated[Path, typer.Option(help="where the demo writes its outputs")] = Path("runs/demo"),
+) -> None:
+    """Run the main job end to end on the embedded model (what exists of it so far)."""
+    from pipelines.demo import run_demo
+    from pipelines.records import DataError
+    from sae.lm import ModelNotFoundError
+
+    try:
+        run_demo(data_dir=data_dir, model_id=model, out=out)
+    except (DataError, ModelNotFoundError) as err:
+        _fail(str(err))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

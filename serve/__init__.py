@@ -1,0 +1,1 @@
+"""pluristeer's serving side: pluralistic decoding and the Ray Serve application."""
