@@ -1,0 +1,334 @@
+"""The activation store (DESIGN §3): Parquet shards + ``manifest.json``, written atomically, read back
+as torch batches (shuffled within a window, split across training ranks) or as a Ray Dataset.
+
+Shard columns: ``layer_{L}`` (fixed-size list of ``d_model`` floats, fp16 or fp32) per layer, plus
+``token_id`` (int32), ``context`` (int64, global context index) and ``position`` (int16) so rows can be
+traced back to their text. Shards are named ``shard-{index:05d}.parquet``; the manifest lists the
+complete ones with their row count and sha256, so a rerun skips them.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from sae.atomic import atomic_write, atomic_write_json, sha256_file
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+STORE_DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+class StoreError(ValueError):
+    """An activation store is missing, incomplete, corrupt, or does not match what was asked for."""
+
+
+def layer_column(layer: int) -> str:
+    return f"layer_{layer}"
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.parquet"
+
+
+@dataclass
+class ShardInfo:
+    index: int
+    name: str
+    rows: int
+    sha256: str
+
+
+@dataclass
+class Manifest:
+    """What a store holds and how it was made. ``config`` is the collect config that made it."""
+
+    model: str
+    layers: list[int]
+    d_model: int
+    dtype: str
+    context_size: int
+    hook: str = "resid_post"
+    revision: str | None = None
+    n_tokens: int = 0  # rows requested; equals the sum of shard rows once complete
+    positions_dropped: dict[str, Any] = field(default_factory=dict)
+    shards: list[ShardInfo] = field(default_factory=list)
+    complete: bool = False
+    stats: dict[str, dict[str, Any]] = field(default_factory=dict)  # per layer: mean, std, mean_norm
+    config: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def rows(self) -> int:
+        return sum(s.rows for s in self.shards)
+
+    def identity(self) -> dict[str, Any]:
+        """The fields a resumed run must agree on."""
+        return {
+            k: getattr(self, k) for k in ("model", "revision", "layers", "d_model", "dtype", "context_size", "hook")
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], where: str = MANIFEST) -> Manifest:
+        try:
+            shards = [ShardInfo(**s) for s in raw.get("shards", [])]
+            return cls(**{**raw, "shards": shards})
+        except TypeError as err:
+            raise StoreError(f"{where}: malformed manifest ({err})") from None
+
+
+def read_manifest(root: str | Path) -> Manifest:
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        raise StoreError(f"{root} is not an activation store: {MANIFEST} is missing")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise StoreError(f"{path}: not valid JSON ({err.msg})") from None
+    return Manifest.from_dict(raw, str(path))
+
+
+class RunningStats:
+    """Per-dimension mean/std and mean L2 norm of a stream of ``[rows, d]`` arrays (float64 sums)."""
+
+    def __init__(self, d: int) -> None:
+        self.n = 0
+        self.sum = np.zeros(d, dtype=np.float64)
+        self.sumsq = np.zeros(d, dtype=np.float64)
+        self.norm_sum = 0.0
+
+    def update(self, x: np.ndarray) -> None:
+        x64 = x.astype(np.float64, copy=False)
+        self.n += x64.shape[0]
+        self.sum += x64.sum(0)
+        self.sumsq += (x64 * x64).sum(0)
+        self.norm_sum += float(np.sqrt((x64 * x64).sum(1)).sum())
+
+    def merge(self, other: RunningStats) -> None:
+        self.n += other.n
+        self.sum += other.sum
+        self.sumsq += other.sumsq
+        self.norm_sum += other.norm_sum
+
+    def to_dict(self) -> dict[str, Any]:
+        n = max(self.n, 1)
+        mean = self.sum / n
+        std = np.sqrt(np.maximum(self.sumsq / n - mean * mean, 0.0))
+        return {"n": self.n, "mean": mean.tolist(), "std": std.tolist(), "mean_norm": self.norm_sum / n}
+
+
+class StoreWriter:
+    """Creates a store or resumes one: shards are written atomically and recorded in the manifest.
+
+    Only one process (the driver) records shards; workers may call :func:`write_shard` themselves and
+    hand back the :class:`ShardInfo`. A shard file on disk that the manifest does not list is treated as
+    not done (it may be a leftover of a crash) and is rewritten.
+    """
+
+    def __init__(self, root: str | Path, manifest: Manifest) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        if (self.root / MANIFEST).exists():
+            existing = read_manifest(self.root)
+            if existing.identity() != manifest.identity():
+                raise StoreError(
+                    f"{self.root} already holds a store made with {existing.identity()}, not "
+                    f"{manifest.identity()}: choose another output directory or delete it"
+                )
+            if existing.n_tokens != manifest.n_tokens and existing.complete:
+                raise StoreError(
+                    f"{self.root} is a complete store of {existing.n_tokens} tokens; asked for {manifest.n_tokens}"
+                )
+            existing.n_tokens = manifest.n_tokens
+            existing.config = manifest.config
+            self.manifest = existing
+        else:
+            self.manifest = manifest
+            self._save()
+
+    def done(self) -> dict[int, ShardInfo]:
+        """Shards already recorded (and still on disk with the recorded size of rows)."""
+        return {s.index: s for s in self.manifest.shards if (self.root / s.name).is_file()}
+
+    def record(self, info: ShardInfo) -> None:
+        self.manifest.shards = sorted(
+            [s for s in self.manifest.shards if s.index != info.index] + [info], key=lambda s: s.index
+        )
+        self._save()
+
+    def finalize(self, stats: dict[str, dict[str, Any]], positions_dropped: dict[str, Any]) -> Manifest:
+        self.manifest.stats = stats
+        self.manifest.positions_dropped = positions_dropped
+        self.manifest.complete = True
+        self._save()
+        return self.manifest
+
+    def _save(self) -> None:
+        atomic_write_json(self.root / MANIFEST, self.manifest.to_dict())
+
+
+def write_shard(
+    root: str | Path, index: int, acts: dict[int, np.ndarray], extra: dict[str, np.ndarray], dtype: str
+) -> ShardInfo:
+    """Write shard ``index`` atomically: ``acts[layer]`` is ``[rows, d_model]``; ``extra`` holds the
+    ``token_id``/``context``/``position`` columns. Returns its :class:`ShardInfo`."""
+    if dtype not in STORE_DTYPES:
+        raise StoreError(f"dtype must be one of {sorted(STORE_DTYPES)}, got {dtype!r}")
+    rows = {a.shape[0] for a in acts.values()} | {len(v) for v in extra.values()}
+    if len(rows) != 1:
+        raise StoreError(f"shard {index}: columns have different row counts {sorted(rows)}")
+    columns: dict[str, pa.Array] = {}
+    for layer, a in sorted(acts.items()):
+        flat = np.ascontiguousarray(a, dtype=STORE_DTYPES[dtype]).reshape(-1)
+        columns[layer_column(layer)] = pa.FixedSizeListArray.from_arrays(pa.array(flat), a.shape[1])
+    for name, values in extra.items():
+        columns[name] = pa.array(values)
+    path = Path(root) / shard_name(index)
+    atomic_write(path, lambda tmp: pq.write_table(pa.table(columns), tmp, compression="zstd"))
+    return ShardInfo(index=index, name=path.name, rows=rows.pop(), sha256=sha256_file(path))
+
+
+def _to_numpy(column: pa.ChunkedArray, d: int) -> np.ndarray:
+    values = column.combine_chunks().values
+    return values.to_numpy(zero_copy_only=False).reshape(-1, d)
+
+
+class ActivationStore:
+    """Read side of a complete store."""
+
+    def __init__(self, root: str | Path, *, allow_incomplete: bool = False) -> None:
+        self.root = Path(root)
+        self.manifest = read_manifest(self.root)
+        if not self.manifest.complete and not allow_incomplete:
+            raise StoreError(
+                f"{self.root} is incomplete ({self.manifest.rows} of {self.manifest.n_tokens} rows): rerun collect"
+            )
+        for s in self.manifest.shards:
+            if not (self.root / s.name).is_file():
+                raise StoreError(f"{self.root}: shard {s.name} listed in the manifest is missing")
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.manifest.layers)
+
+    @property
+    def d_model(self) -> int:
+        return self.manifest.d_model
+
+    def __len__(self) -> int:
+        return self.manifest.rows
+
+    def _check_layer(self, layer: int) -> str:
+        if layer not in self.manifest.layers:
+            raise StoreError(f"{self.root} holds layers {self.manifest.layers}, not {layer}")
+        return layer_column(layer)
+
+    def verify(self) -> None:
+        """Check every shard's sha256 and row count against the manifest."""
+        for s in self.manifest.shards:
+            path = self.root / s.name
+            if sha256_file(path) != s.sha256:
+                raise StoreError(f"{path}: sha256 mismatch (corrupt or modified shard)")
+            if pq.read_metadata(path).num_rows != s.rows:
+                raise StoreError(f"{path}: {pq.read_metadata(path).num_rows} rows, manifest says {s.rows}")
+
+    def read_shard(self, shard: ShardInfo, columns: Sequence[str]) -> pa.Table:
+        path = self.root / shard.name
+        try:
+            return pq.read_table(path, columns=list(columns))
+        except (pa.ArrowInvalid, OSError) as err:
+            raise StoreError(f"{path}: cannot read shard (truncated or corrupt?): {err}") from None
+
+    def read(self, layer: int, *, limit: int | None = None) -> torch.Tensor:
+        """All rows of ``layer`` (up to ``limit``) as one float32 tensor ``[rows, d_model]``."""
+        column = self._check_layer(layer)
+        parts, total = [], 0
+        for s in self.manifest.shards:
+            parts.append(_to_numpy(self.read_shard(s, [column]).column(column), self.d_model))
+            total += parts[-1].shape[0]
+            if limit is not None and total >= limit:
+                break
+        out = np.concatenate(parts) if parts else np.zeros((0, self.d_model))
+        return torch.from_numpy(out[:limit].astype(np.float32))
+
+    def read_column(self, name: str) -> np.ndarray:
+        """A scalar column (``token_id``, ``context``, ``position``) over all shards."""
+        return np.concatenate([self.read_shard(s, [name]).column(name).to_numpy() for s in self.manifest.shards])
+
+    def iter_batches(
+        self,
+        layer: int,
+        batch_size: int,
+        *,
+        shuffle_window: int = 0,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        epoch: int = 0,
+        drop_last: bool = True,
+    ) -> Iterator[torch.Tensor]:
+        """Float32 batches ``[batch_size, d_model]`` of ``layer`` for training rank ``rank`` of
+        ``world_size``: shards are dealt round-robin after a seeded per-epoch shuffle, and rows are
+        shuffled within a window of ``shuffle_window`` rows (0: no shuffling)."""
+        column = self._check_layer(layer)
+        if not 0 <= rank < world_size:
+            raise StoreError(f"rank {rank} is outside world_size {world_size}")
+        rng = random.Random(seed * 1_000_003 + epoch)
+        shards = list(self.manifest.shards)
+        if shuffle_window:
+            rng.shuffle(shards)
+        mine = shards[rank::world_size]
+        buffer = np.zeros((0, self.d_model), dtype=np.float32)
+        window = max(shuffle_window, batch_size)
+        np_rng = np.random.default_rng(rng.getrandbits(63))
+        for s in mine:
+            rows = _to_numpy(self.read_shard(s, [column]).column(column), self.d_model).astype(np.float32)
+            buffer = np.concatenate([buffer, rows])
+            if shuffle_window and len(buffer) >= window:
+                buffer = buffer[np_rng.permutation(len(buffer))]
+            while len(buffer) >= window:
+                yield torch.from_numpy(buffer[:batch_size].copy())
+                buffer = buffer[batch_size:]
+        if shuffle_window:
+            buffer = buffer[np_rng.permutation(len(buffer))]
+        while len(buffer) >= batch_size or (len(buffer) and not drop_last):
+            yield torch.from_numpy(buffer[:batch_size].copy())
+            buffer = buffer[batch_size:]
+
+    def ray_dataset(self, layers: Sequence[int] | None = None):
+        """The store as a Ray Dataset (one row per token; a ``layer_{L}`` column per layer)."""
+        import ray.data
+
+        columns = [self._check_layer(layer) for layer in (layers or self.layers)]
+        paths = [str(self.root / s.name) for s in self.manifest.shards]
+        return ray.data.read_parquet(paths, columns=columns)
+
+    def stats(self, layer: int) -> dict[str, Any]:
+        key = str(layer)
+        if key not in self.manifest.stats:
+            raise StoreError(f"{self.root}: no statistics for layer {layer}")
+        return self.manifest.stats[key]
+
+    def bytes_per_token(self) -> float:
+        total = sum((self.root / s.name).stat().st_size for s in self.manifest.shards)
+        return total / max(len(self), 1)
+
+
+def estimated_bytes(n_tokens: int, d_model: int, n_layers: int, dtype: str) -> int:
+    """Uncompressed bytes of ``n_tokens`` rows (for sizing)."""
+    return n_tokens * d_model * n_layers * np.dtype(STORE_DTYPES[dtype]).itemsize + n_tokens * 14
+
+
+__all__ = ["ActivationStore", "Manifest", "RunningStats", "ShardInfo", "StoreError", "StoreWriter"]
