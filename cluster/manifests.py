@@ -113,9 +113,12 @@ def cluster_spec_problems(spec: dict[str, Any], where: str, name: str, pins: Pin
         if not containers:
             problems.append(f"{at}.template.spec.containers: empty; the first container runs Ray")
             continue
-        for i, container in enumerate(containers):
-            problems += image_problems(container.get("image"), f"{at}.template.spec.containers[{i}]", pins)
-        ray_container = containers[0]
+        ray_container = containers[0]  # KubeRay runs Ray in the first container; others are sidecars
+        problems += image_problems(ray_container.get("image"), f"{at}.template.spec.containers[0]", pins)
+        for i, sidecar in enumerate(containers[1:], 1):
+            image = str(sidecar.get("image", ""))
+            if ":" not in image.rsplit("/", 1)[-1] or image.endswith(":latest"):
+                problems.append(f"{at}.template.spec.containers[{i}]: image {image!r} must be pinned by a tag")
         gpus = ray_container.get("resources", {}).get("limits", {}).get(GPU_RESOURCE)
         if gpus and not str(ray_container.get("image", "")).endswith("-cuda"):
             problems.append(f"{at}: requests {GPU_RESOURCE} but runs {ray_container.get('image')!r}, not a -cuda image")

@@ -24,9 +24,8 @@ from cluster.pins import HERE, REPO, ClusterConfigError, project_pins
 from cluster.rayconfig import validate_ray_config
 
 
-def main(argv: list[str] | None = None) -> int:
+def main() -> int:
     """Run every check; print what passed and every problem; exit code 1 on any problem."""
-    del argv
     pins = project_pins()
     failed = False
     checks = [
@@ -45,4 +44,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

@@ -190,3 +190,16 @@ def test_directory_with_a_broken_manifest_fails(tmp_path: Path) -> None:
     )
     with pytest.raises(ClusterConfigError, match=r"bad.yaml: RayJob/x: spec.entrypoint: 3 is not of type 'string'"):
         validate_manifests(tmp_path, PINS)
+
+
+def test_duplicate_worker_groups_and_sidecars() -> None:
+    doc = _load("raycluster.yaml")
+    group = doc["spec"]["workerGroupSpecs"][0]
+    doc["spec"]["workerGroupSpecs"].append(copy.deepcopy(group))
+    assert any("groupName 'gpu-a100' is used more than once" in p for p in _problems(doc))
+    doc = _load("raycluster.yaml")
+    containers = doc["spec"]["headGroupSpec"]["template"]["spec"]["containers"]
+    containers.append({"name": "logs", "image": "fluent/fluent-bit:3.2.1"})
+    assert _problems(doc) == []  # a pinned sidecar is fine
+    containers[-1]["image"] = "fluent/fluent-bit"
+    assert any("containers[1]: image 'fluent/fluent-bit' must be pinned by a tag" in p for p in _problems(doc))
