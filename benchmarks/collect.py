@@ -13,9 +13,11 @@ the last, as the actors time them).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -32,9 +34,13 @@ from sae.hooks import capture, residuals
 from sae.lm import load_lm
 
 
-def bare_loop(model, layers: list[int], contexts: torch.Tensor, batch_size: int, *, early_stop: bool) -> float:
-    """Tokens/s of forwards over ``contexts`` in batches (the activations are read, then dropped)."""
-    started = time.perf_counter()
+def bare_loop(
+    model, layers: list[int], contexts: torch.Tensor, batch_size: int, per_shard: int, *, early_stop: bool
+) -> tuple[float, list[float]]:
+    """Tokens/s of forwards over ``contexts`` in batches (activations read, then dropped), and the
+    seconds each shard's worth (``per_shard`` contexts) took."""
+    shard_s: list[float] = []
+    started = last = time.perf_counter()
     with torch.inference_mode():
         for start in range(0, len(contexts), batch_size):
             ids = contexts[start : start + batch_size]
@@ -43,7 +49,11 @@ def bare_loop(model, layers: list[int], contexts: torch.Tensor, batch_size: int,
             else:
                 with capture(model, layers):
                     model(input_ids=ids, use_cache=False)
-    return contexts.numel() / (time.perf_counter() - started)
+            if (start + batch_size) % per_shard == 0:
+                now = time.perf_counter()
+                shard_s.append(now - last)
+                last = now
+    return contexts.numel() / (time.perf_counter() - started), shard_s
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -91,11 +101,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         plan_contexts(tokenizer, iter_documents(corpus_dir(cfg)), cfg.context_size, n_shards * cfg.contexts_per_shard)
     ).long()
     print(f"{args.model} layers {layers}: {len(contexts)} contexts x {cfg.context_size} tokens, {threads} threads")
-    bare_loop(model, layers, contexts[: args.batch_size], args.batch_size, early_stop=True)  # warm-up
-    bare_before = bare_loop(model, layers, contexts, args.batch_size, early_stop=True)
+    k = cfg.contexts_per_shard
+    bare_loop(model, layers, contexts[: args.batch_size], args.batch_size, k, early_stop=True)  # warm-up
+    print(f"load average before: {os.getloadavg()[0]:.2f} (the machine is shared)")
+    bare_before, shards_before = bare_loop(model, layers, contexts, args.batch_size, k, early_stop=True)
     print(f"bare loop (early stop):   {bare_before:8.0f} tok/s")
-    full_n = max(args.batch_size, len(contexts) // 4)
-    bare_full = bare_loop(model, layers, contexts[:full_n], args.batch_size, early_stop=False)
+    full_n = max(k, len(contexts) // 4 // k * k)
+    bare_full, _ = bare_loop(model, layers, contexts[:full_n], args.batch_size, k, early_stop=False)
     print(f"bare loop (full forward): {bare_full:8.0f} tok/s  (on {full_n} contexts)")
 
     import ray
@@ -110,15 +122,19 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     times = sorted(result.shard_times, key=lambda t: t["finished"])
     steady_tokens = sum(t["tokens"] for t in times[1:])
     steady = steady_tokens / (times[-1]["finished"] - times[0]["finished"]) if len(times) > 1 else float("nan")
+    intervals = [b["finished"] - a["finished"] for a, b in itertools.pairwise(times)]
     end_to_end = result.tokens_computed / wall
     in_actor = result.tokens_computed / sum(t["forward_s"] for t in times)
     print(f"ray pipeline end to end:  {end_to_end:8.0f} tok/s  ({wall:.1f} s incl. Ray + actor start + model load)")
     print(f"ray pipeline steady:      {steady:8.0f} tok/s  (first to last finished shard)")
     print(f"ray actor compute only:   {in_actor:8.0f} tok/s  (forward + filter + stats, no write)")
 
-    bare_after = bare_loop(model, layers, contexts, args.batch_size, early_stop=True)
+    bare_after, shards_after = bare_loop(model, layers, contexts, args.batch_size, k, early_stop=True)
     print(f"bare loop (early stop):   {bare_after:8.0f} tok/s  (again, after the Ray run)")
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
     bare = (bare_before + bare_after) / 2
+    # Medians of per-shard times are robust to bursts of load from other processes (1 actor).
+    median_ratio = statistics.median(shards_before + shards_after) / statistics.median(intervals or [float("nan")])
     numbers = {
         "bare_tok_s": bare,
         "bare_full_forward_tok_s": bare_full,
@@ -128,12 +144,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "ratio_steady": steady / bare,
         "ratio_end_to_end": end_to_end / bare,
         "ratio_vs_full_forward": steady / bare_full,
+        "ratio_median_per_shard": median_ratio,
         "bytes_per_token": result.bytes_per_token,
         "rows": result.manifest.rows,
         "threads": threads,
     }
     print(f"ratio ray/bare (steady):     {numbers['ratio_steady']:.3f}")
     print(f"ratio ray/bare (end to end): {numbers['ratio_end_to_end']:.3f}")
+    print(f"ratio ray/bare (median s/shard): {median_ratio:.3f}")
     print(f"ratio ray/bare full forward: {numbers['ratio_vs_full_forward']:.3f}  (early stop vs a full forward)")
     print(f"bytes/token written:         {numbers['bytes_per_token']:.0f}  ({cfg.store_dtype}, {len(layers)} layer(s))")
     if args.json:
