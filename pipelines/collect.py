@@ -206,6 +206,18 @@ def _schedule(done: dict[int, ShardInfo], cfg: CollectConfig) -> list[int]:
     return todo
 
 
+def _plan(tokenizer, corpus: Path, cfg: CollectConfig, todo: list[int]) -> np.ndarray:
+    """The contexts of shards ``0..max(todo)``; :class:`DataError` when the corpus has too few."""
+    need = (max(todo) + 1) * cfg.contexts_per_shard if todo else 0
+    contexts = plan_contexts(tokenizer, iter_documents(corpus, cfg.sources), cfg.context_size, need)
+    if len(contexts) < need:
+        raise DataError(
+            f"the corpus in {corpus} yields {len(contexts):,} contexts of {cfg.context_size} tokens, "
+            f"fewer than n_tokens={cfg.n_tokens:,} needs: lower n_tokens or add text"
+        )
+    return contexts
+
+
 def _truncate(root: Path, info: ShardInfo, rows: int, layers: list[int], dtype: str, compression: str) -> ShardInfo:
     """Rewrite shard ``info`` with its first ``rows`` rows; statistics and drop counts recomputed."""
     path = root / info.name
@@ -340,6 +352,11 @@ def collect(cfg: CollectConfig, *, echo: Callable[[str], None] = print) -> Colle
         result.seconds = time.perf_counter() - started
         return result
 
+    tokenizer = load_tokenizer(cfg.model)
+    done = writer.done()
+    # Plan the first round before Ray starts, so that a corpus too small fails fast.
+    todo = _schedule(done, cfg) if _prefix(done, cfg.n_tokens) is None else []
+    contexts = _plan(tokenizer, corpus, cfg, todo)
     init_ray(cfg.ray_address)
     import ray
 
@@ -361,8 +378,6 @@ def collect(cfg: CollectConfig, *, echo: Callable[[str], None] = print) -> Colle
         threads=cfg.torch_threads,
         actors_per_node=per_node,
     )
-    tokenizer = load_tokenizer(cfg.model)
-    done = writer.done()
     progress = Progress(cfg.n_tokens, sum(s.rows for s in done.values()), echo=echo)
     echo(
         f"collect: {name} layers {cfg.layers} -> {cfg.out} ({len(done)} shards done), {cfg.num_actors} actor(s) "
@@ -370,16 +385,9 @@ def collect(cfg: CollectConfig, *, echo: Callable[[str], None] = print) -> Colle
     )
     with Tracker("collect", config, cfg.out.parent, mode=None if cfg.wandb else "disabled") as tracker:
         while (last := _prefix(done, cfg.n_tokens)) is None:
-            todo = _schedule(done, cfg)
-            k = cfg.contexts_per_shard
-            contexts = plan_contexts(
-                tokenizer, iter_documents(corpus, cfg.sources), cfg.context_size, (max(todo) + 1) * k
-            )
-            if len(contexts) < (max(todo) + 1) * k:
-                raise DataError(
-                    f"the corpus in {corpus} yields {len(contexts):,} contexts of {cfg.context_size} tokens, "
-                    f"fewer than n_tokens={cfg.n_tokens:,} needs: lower n_tokens or add text"
-                )
+            if not todo:  # a later round: outliers left the first one short
+                todo = _schedule(done, cfg)
+                contexts = _plan(tokenizer, corpus, cfg, todo)
             before = len(done)
             for row in _stream(cfg, spec, todo, contexts, use_gpu):
                 info = ShardInfo(index=row["shard"], name=row["name"], rows=row["rows"], sha256=row["sha256"])
@@ -398,6 +406,7 @@ def collect(cfg: CollectConfig, *, echo: Callable[[str], None] = print) -> Colle
                     break  # enough rows: the rest of the stream is cancelled
             if len(done) == before:
                 raise StoreError(f"no shard of {todo} finished: see the Ray errors above")
+            todo = []
         final = [done[i] for i in range(last + 1)]
         need = cfg.n_tokens - sum(s.rows for s in final[:-1])
         writer.forget([i for i in done if i >= last])  # the last shard is rewritten below

@@ -21,6 +21,7 @@ from pipelines.collect_worker import select_positions
 from pipelines.config import ConfigError
 from pipelines.contexts import plan_contexts
 from pipelines.corpus import iter_documents
+from pipelines.records import DataError
 from pipelines.store import ActivationStore, StoreError, read_manifest
 from sae.hooks import residuals
 from sae.lm import load_lm, load_tokenizer
@@ -208,6 +209,10 @@ def test_resume_refuses_other_settings_and_cli_errors_are_clear(tiny_lm_dir, dat
     StoreWriter(cfg.out, Manifest("x", [1, 3], 64, "float32", 32, config={**cfg.to_dict(), "outlier_factor": 5.0}))
     with pytest.raises(StoreError, match="outlier_factor: 5.0 -> 10.0"):
         collect(cfg)
+    (tmp_path / "small").mkdir()
+    (tmp_path / "small" / "a.txt").write_text("Too little text for five hundred tokens.")
+    with pytest.raises(DataError, match="yields 0 contexts"):
+        collect(_cfg(tiny_lm_dir, tmp_path / "s2", data_root, corpus=tmp_path / "small"))
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled"}
     proc = subprocess.run(
         [sys.executable, "-m", "pipelines.cli", "collect", "--set", f"model={tiny_lm_dir}", "--set", "layers=7"],
