@@ -30,8 +30,27 @@ def _not_built(stage: str, issue: int) -> None:
 
 @app.command()
 def collect(config: ConfigOpt = None, set_: SetOpt = None) -> None:
-    """Collect residual-stream activations from a corpus into a sharded store (Ray Data)."""
-    _not_built("collect", 4)
+    """Collect residual-stream activations from a corpus into a sharded store (Ray Data); reruns resume."""
+    from pipelines.collect import CollectConfig
+    from pipelines.collect import collect as run_collect
+    from pipelines.config import ConfigError
+    from pipelines.records import DataError
+    from pipelines.store import StoreError
+    from sae.lm import ModelNotFoundError
+
+    try:
+        cfg = CollectConfig.load(config, set_ or [])
+        result = run_collect(cfg)
+    except (ConfigError, StoreError, DataError, ModelNotFoundError) as err:
+        _fail(str(err))
+    except KeyboardInterrupt:
+        _fail("interrupted: complete shards are kept; rerun the same command to resume", code=130)
+    m = result.manifest
+    typer.echo(
+        f"{m.rows:,} tokens x layers {m.layers} ({m.dtype}) in {result.out}: {len(m.shards)} shards, "
+        f"{len(result.computed)} computed now, {len(result.skipped)} reused, {result.seconds:.1f} s, "
+        f"{result.bytes_per_token:.0f} bytes/token"
+    )
 
 
 @app.command()

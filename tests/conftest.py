@@ -107,3 +107,18 @@ def data_root() -> Path:
     root = Path(os.environ.get("PLURISTEER_DATA", REPO.parent / "shared" / "data"))
     assert root.is_dir(), f"data directory {root} is missing: set PLURISTEER_DATA"
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama saved with the embedded model's tokenizer (loadable by ``load_lm(path)``)."""
+    from transformers import AutoModelForCausalLM
+
+    from sae.lm import load_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny-lm")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=49152))
+    model.save_pretrained(path)
+    load_tokenizer("embedded").save_pretrained(path)
+    return path

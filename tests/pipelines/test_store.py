@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.store import ActivationStore, Manifest, RunningStats, StoreError, StoreWriter, write_shard
+from pipelines.store import (
+    ActivationStore,
+    Manifest,
+    RunningStats,
+    StoreError,
+    StoreWriter,
+    read_shard_metadata,
+    write_shard,
+)
 
 
 def _manifest(**kw) -> Manifest:
@@ -86,3 +94,31 @@ def test_incomplete_corrupt_and_mismatched_stores_are_refused(tmp_path: Path) ->
         store.read(1)
     with pytest.raises(StoreError, match="not 2"):
         store.read(2)
+
+
+def test_every_rank_gets_the_same_number_of_batches(tmp_path: Path) -> None:
+    _make(tmp_path)  # 3 shards: 20 + 20 + 10 rows
+    store = ActivationStore(tmp_path)
+    for world_size in (2, 3, 5):  # 5 ranks > 3 shards
+        counts = [
+            len(list(store.iter_batches(1, 4, shuffle_window=8, seed=0, rank=r, world_size=world_size)))
+            for r in range(world_size)
+        ]
+        assert counts == [store.batches_per_epoch(4, world_size=world_size)] * world_size, counts
+    assert store.rank_rows(0, 3, drop_last=False) == 17 and store.rank_rows(2, 3, drop_last=False) == 16
+
+
+def test_shard_footer_metadata_and_leftovers(tmp_path: Path) -> None:
+    writer = StoreWriter(tmp_path, _manifest())
+    acts = {1: np.ones((2, 8), np.float32), 3: np.zeros((2, 8), np.float32)}
+    extra = {"token_id": np.arange(2, dtype=np.int32)}
+    info = write_shard(tmp_path, 0, acts, extra, "float32", metadata={"bos": 3})
+    write_shard(tmp_path, 1, acts, extra, "float32")  # never recorded: a leftover
+    (tmp_path / ".shard-00002.parquet.x.tmp").write_bytes(b"partial")
+    writer.record(info)
+    assert read_shard_metadata(tmp_path / info.name) == {"bos": 3}
+    assert writer.remove_leftovers() == ["shard-00001.parquet", ".shard-00002.parquet.x.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "shard-00000.parquet"]
+    stats = RunningStats(8)
+    stats.update(acts[1])
+    assert RunningStats.from_state(stats.state()).to_dict() == stats.to_dict()
