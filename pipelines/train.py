@@ -49,7 +49,7 @@ class TrainConfig(StageConfig):
     k: int = 32
     architecture: Literal["topk", "batchtopk", "relu", "jumprelu"] = "topk"
     saes: list[dict] = field(default_factory=list)  # explicit SAESpec mappings; replace expansions/k/architecture
-    lr: float | None = None  # None: 2e-4 / sqrt(d_sae / 2^14) per SAE
+    lr: float | None = None  # None: 8e-4 / sqrt(d_sae / 2^14) per SAE
     batch_size: int = 4096  # tokens per step, all workers together
     tokens: int = 0  # tokens to train on; 0: epochs × the store's rows
     epochs: float = 1.0
@@ -146,6 +146,7 @@ class TrainResult:
     checkpoint: str | None
     steps: int
     tokens: int
+    report: dict[str, Any] = field(default_factory=dict)  # the last metrics the workers reported
 
 
 # -- data ----------------------------------------------------------------------------------------------
@@ -408,6 +409,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
         checkpoint=result.checkpoint.path,
         steps=int(trainer_state["step"]),
         tokens=int(trainer_state["tokens"]),
+        report=final,
     )
 
 

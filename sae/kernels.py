@@ -16,6 +16,7 @@ selected values recomputed exactly in float32, and the two kernels share one sor
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 import torch
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 Backend = Literal["csr", "dense"]
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
 
 
 def topk_select(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -55,9 +57,10 @@ class SparsePlan:
     decoder whose only non-zero activations are at ``idx``. The CSR structure is built once per batch.
     """
 
-    def __init__(self, num_latents: int, backend: Backend = "csr") -> None:
+    def __init__(self, num_latents: int, backend: Backend = "csr", dense_dtype: torch.dtype | None = None) -> None:
         self.num_latents = num_latents
         self.backend = backend
+        self.dense_dtype = dense_dtype  # the "dense" backend's matmul dtype (e.g. bf16 on GPUs); None: as given
         self.idx: Tensor | None = None
         self._order: Tensor | None = None
         self._crow: Tensor | None = None
@@ -85,9 +88,10 @@ class SparsePlan:
         rows = self.idx.shape[0]
         values = values.to(dense.dtype)
         if self.backend == "dense":
-            g = torch.zeros(rows, self.num_latents, dtype=dense.dtype, device=dense.device)
-            g.scatter_(1, self.idx, values)
-            return g.T @ dense
+            dtype = self.dense_dtype or dense.dtype
+            g = torch.zeros(rows, self.num_latents, dtype=dtype, device=dense.device)
+            g.scatter_(1, self.idx, values.to(dtype))
+            return (g.T @ dense.to(dtype)).to(dense.dtype)
         order, crow, cols = self._structure()
         gt = torch.sparse_csr_tensor(
             crow, cols, values.reshape(-1)[order], size=(self.num_latents, rows), check_invariants=False
@@ -172,7 +176,7 @@ class _SparseDecode(torch.autograd.Function):
             grad_vals = gather_dot(grad_out, W_dec, idx).to(vals.dtype)
         if ctx.needs_input_grad[2]:
             if plan.idx is not idx:
-                plan = SparsePlan(W_dec.shape[0], plan.backend)
+                plan = SparsePlan(W_dec.shape[0], plan.backend, plan.dense_dtype)
                 plan.set(idx)
             grad_W = plan.transposed_matmul(vals, grad_out).to(W_dec.dtype)
         return grad_vals, None, grad_W, None
