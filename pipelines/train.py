@@ -50,7 +50,7 @@ class TrainConfig(StageConfig):
     architecture: Literal["topk", "batchtopk", "relu", "jumprelu"] = "topk"
     saes: list[dict] = field(default_factory=list)  # explicit SAESpec mappings; replace expansions/k/architecture
     lr: float | None = None  # None: 8e-4 / sqrt(d_sae / 2^14) per SAE
-    batch_size: int = 4096  # tokens per step, all workers together
+    batch_size: int = 2048  # tokens per step, all workers together
     tokens: int = 0  # tokens to train on; 0: epochs × the store's rows
     epochs: float = 1.0
     shuffle_window: int = 65536

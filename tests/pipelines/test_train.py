@@ -34,7 +34,7 @@ def _cfg(store: Path, out: Path, **kw) -> TrainConfig:
         "k": 4,
         "lr": 3e-3,
         "batch_size": 512,
-        "epochs": 2,
+        "epochs": 1,
         "workers": 2,
         "checkpoint_every": 10,
         "log_every": 5,
@@ -116,17 +116,17 @@ def test_ray_train_with_two_ddp_workers_completes_with_a_checkpoint(
 ) -> None:
     result = run_train(_cfg(tiny_store, tmp_path, track=True))
     assert result.checkpoint is not None and Path(result.checkpoint).is_dir()
-    assert result.steps == 2 * 8192 // 512 and result.tokens == result.steps * 512
+    assert result.steps == 8192 // 512 and result.tokens == result.steps * 512
     assert result.report["resumed_from_step"] == 0 and result.report["tokens_per_s"] > 0
     _check_outputs(result, tiny_store)
     assert list((tmp_path / "wandb").glob("offline-run-*")), "rank 0 logged to W&B (offline)"
 
 
 def test_deepspeed_zero2_run_resumes_after_a_worker_is_killed(ray_cluster, tiny_store: Path, tmp_path: Path) -> None:
-    cfg = _cfg(tiny_store, tmp_path, deepspeed=True, zero_stage=2, inject_failure_at_step=25, max_failures=2)
+    cfg = _cfg(tiny_store, tmp_path, deepspeed=True, zero_stage=2, checkpoint_every=5, inject_failure_at_step=12)
     result = run_train(cfg)
-    assert result.report["resumed_from_step"] == 20  # the last checkpoint before the kill, not step 0
-    assert result.steps == 32
+    assert result.report["resumed_from_step"] == 10  # the last checkpoint before the kill, not step 0
+    assert result.steps == 16
     _check_outputs(result, tiny_store)
 
 
@@ -137,5 +137,5 @@ def test_cli_train_reports_config_errors_without_a_traceback(tiny_store: Path, t
     cli = [sys.executable, "-m", "pipelines.cli", "train", "--config", str(config)]
     proc = subprocess.run([*cli, "--set", "workers=8"], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert proc.returncode == 2 and "fewer than workers" in proc.stderr and "Traceback" not in proc.stderr
-    proc = subprocess.run([*cli, "--set", "wrkers=2"], capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert proc.returncode == 2 and "unknown field(s) ['wrkers']" in proc.stderr
+    with pytest.raises(ConfigError, match=r"unknown field\(s\) \['wrkers'\]"):
+        TrainConfig.load(config, ["wrkers=2"])
