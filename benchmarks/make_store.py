@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,20 +20,8 @@ import torch
 
 from pipelines.corpus import iter_documents
 from pipelines.store import ActivationStore, Manifest, RunningStats, StoreWriter, write_shard
+from pipelines.train import pack_contexts
 from sae.hooks import residuals
-
-
-def pack_contexts(tokenizer: Any, documents: Iterator[str], context_size: int) -> Iterator[list[int]]:
-    """Concatenate tokenised documents (EOS between them) and cut them into ``context_size`` windows."""
-    buffer: list[int] = []
-    eos = tokenizer.eos_token_id
-    for doc in documents:
-        buffer.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
-        if eos is not None:
-            buffer.append(eos)
-        while len(buffer) >= context_size:
-            yield buffer[:context_size]
-            buffer = buffer[context_size:]
 
 
 def make_store(

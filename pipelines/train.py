@@ -20,7 +20,7 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -75,6 +75,7 @@ class TrainConfig(StageConfig):
     eval_tokens: int = 16384  # held-out corpus tokens for the final evaluation; 0: skip it
     eval_model: str | None = None  # LM for CE loss recovered; None: the store's model
     corpus: Path | None = None  # held-out text; None: $PLURISTEER_DATA/corpus
+    heldout: Literal["tail", "after_store"] = "tail"  # the corpus's last documents, or the contexts after the store's
     track: bool = True  # W&B (offline unless WANDB_API_KEY is set)
     inject_failure_at_step: int = 0  # testing: the last worker kills itself once at this step
 
@@ -489,25 +490,49 @@ def _log_final(cfg: TrainConfig, layer: int, dirs: dict[str, Path], metrics: dic
 
 
 # -- held-out evaluation ---------------------------------------------------------------------------------
-def heldout_input_ids(tokenizer: Any, corpus: str | Path, n_tokens: int, context_size: int) -> torch.Tensor:
-    """``[contexts, context_size]`` token ids from the *last* documents of the corpus (collection reads
-    it from the start, so the tail is text the SAEs have not seen unless the store used the whole corpus)."""
+def pack_contexts(tokenizer: Any, documents: Iterable[str], context_size: int) -> Iterator[list[int]]:
+    """Concatenate tokenised documents (EOS after each) and cut them into ``context_size`` windows."""
+    buffer: list[int] = []
+    for doc in documents:
+        buffer.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
+        if tokenizer.eos_token_id is not None:
+            buffer.append(tokenizer.eos_token_id)
+        while len(buffer) >= context_size:
+            yield buffer[:context_size]
+            buffer = buffer[context_size:]
+
+
+def heldout_input_ids(
+    tokenizer: Any, corpus: str | Path, n_tokens: int, context_size: int, *, skip_contexts: int | None = None
+) -> torch.Tensor:
+    """``[contexts, context_size]`` token ids of text the SAEs have not seen.
+
+    ``skip_contexts=None``: from the *last* documents of the corpus (collection reads it from the start).
+    Otherwise the contexts that follow the first ``skip_contexts`` ones, packed as :func:`pack_contexts`
+    does: the same distribution as the store's, if the store was collected with that packing."""
     from pipelines.corpus import iter_documents
 
-    docs = list(iter_documents(corpus))
     need = math.ceil(n_tokens / (context_size - 1))
-    ids: list[int] = []
     contexts: list[list[int]] = []
-    for doc in reversed(docs):
-        ids = tokenizer(doc, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] + ids
-        while len(ids) >= context_size and len(contexts) < need:
-            contexts.append(ids[-context_size:])
-            ids = ids[:-context_size]
-        if len(contexts) >= need:
-            break
+    if skip_contexts is not None:
+        for i, ctx in enumerate(pack_contexts(tokenizer, iter_documents(corpus), context_size)):
+            if i >= skip_contexts:
+                contexts.append(ctx)
+            if len(contexts) >= need:
+                break
+    else:
+        ids: list[int] = []
+        for doc in reversed(list(iter_documents(corpus))):
+            ids = tokenizer(doc, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] + ids
+            while len(ids) >= context_size and len(contexts) < need:
+                contexts.append(ids[-context_size:])
+                ids = ids[:-context_size]
+            if len(contexts) >= need:
+                break
+        contexts.reverse()
     if not contexts:
-        raise StoreError(f"the corpus {corpus} has no context of {context_size} tokens")
-    return torch.tensor(contexts[::-1])
+        raise StoreError(f"the corpus {corpus} has no unused context of {context_size} tokens")
+    return torch.tensor(contexts)
 
 
 def evaluate_saes(
@@ -545,7 +570,10 @@ def evaluate_on_heldout(
         model_id = EMBEDDED
     model, tokenizer = load_lm(model_id)
     corpus = cfg.corpus or data_dir() / "corpus"
-    ids = heldout_input_ids(tokenizer, corpus, cfg.eval_tokens, store.manifest.context_size)
+    skip = None
+    if cfg.heldout == "after_store":
+        skip = int(store.read_column("context").max()) + 1
+    ids = heldout_input_ids(tokenizer, corpus, cfg.eval_tokens, store.manifest.context_size, skip_contexts=skip)
     outlier = float(store.manifest.positions_dropped.get("outlier_factor", 10.0))
     return evaluate_saes(model, saes, layer, ids, outlier=outlier)
 
@@ -557,6 +585,7 @@ __all__ = [
     "evaluate_saes",
     "export_saes",
     "heldout_input_ids",
+    "pack_contexts",
     "run_train",
     "stream_batches",
     "train_worker",

@@ -10,8 +10,17 @@ import pytest
 import torch
 
 from pipelines.config import ConfigError
+from pipelines.corpus import iter_documents
 from pipelines.store import ActivationStore
-from pipelines.train import TrainConfig, TrainResult, evaluate_saes, heldout_input_ids, run_train, stream_batches
+from pipelines.train import (
+    TrainConfig,
+    TrainResult,
+    evaluate_saes,
+    heldout_input_ids,
+    pack_contexts,
+    run_train,
+    stream_batches,
+)
 from sae.atomic import sha256_file
 from sae.model import SAEConfig, SparseAutoencoder
 
@@ -82,6 +91,9 @@ def test_heldout_text_is_the_tail_of_the_corpus(tmp_path: Path) -> None:
     assert ids.shape == (4, 64)
     text = tokenizer.decode(ids[-1])
     assert "Document number 29" in text and "Document number 0." not in tokenizer.decode(ids.flatten())
+    after = heldout_input_ids(tokenizer, tmp_path, 100, 64, skip_contexts=3)
+    packed = list(pack_contexts(tokenizer, iter_documents(tmp_path), 64))
+    assert after.tolist() == packed[3:5]
 
 
 def test_evaluate_saes_reports_reconstruction_and_ce(tiny_llama) -> None:
