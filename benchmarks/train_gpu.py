@@ -156,7 +156,8 @@ def main() -> None:
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("LOCAL_RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
-        t = trainer([8.0, 32.0], "dense" if device.type == "cuda" else "csr", args.steps)
+        backend = "dense" if device.type == "cuda" else "csr"
+        t = trainer([8.0, 32.0], backend, args.steps)
         engine, optimizer, _, _ = deepspeed.initialize(
             model=t.model,
             optimizer=t.optimizer,
@@ -168,7 +169,7 @@ def main() -> None:
             },
         )
         t.wrap(engine, optimizer)
-        report("DeepSpeed 8x+32x dense", t, time_trainer(t, data, b, args.steps))
+        report(f"DeepSpeed ZeRO-{args.zero_stage} 8x+32x {backend}", t, time_trainer(t, data, b, args.steps))
 
     @part("Ray Train TorchTrainer (use_gpu)", args.budget)
     def with_ray() -> None:
