@@ -56,7 +56,28 @@ def collect(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 @app.command()
 def train(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Train sparse autoencoders (8x, 32x, ...) on an activation store (Ray Train)."""
-    _not_built("train", 5)
+    from pipelines.config import ConfigError
+    from pipelines.records import DataError
+    from pipelines.store import StoreError
+    from pipelines.train import TrainConfig, run_train
+    from sae.lm import ModelNotFoundError
+    from sae.model import SAEFormatError
+
+    try:
+        cfg = TrainConfig.load(config, set_ or [])
+        result = run_train(cfg)
+    except (ConfigError, StoreError, DataError, ModelNotFoundError, SAEFormatError) as err:
+        _fail(str(err))
+        return
+    typer.echo(f"trained {result.steps} steps, {result.tokens} tokens; checkpoint {result.checkpoint}")
+    for name, path in result.sae_dirs.items():
+        m = {**result.metrics[name]["train"], **result.metrics[name]["eval"]}
+        shown = ", ".join(
+            f"{key} {m[key]:.4g}"
+            for key in ("explained_variance", "mse", "l0", "dead_fraction", "ce_loss_recovered")
+            if key in m
+        )
+        typer.echo(f"{name}: {path} ({shown})")
 
 
 @app.command()

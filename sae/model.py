@@ -167,7 +167,20 @@ class SparseAutoencoder(nn.Module):
                             f"{weights_path}: {name} has shape {tuple(tensors[name].shape)}, cfg.json implies {want}"
                         )
                     getattr(sae, name).copy_(tensors[name])
+            if raw.get("rescale_acts_by_decoder_norm"):
+                sae.fold_decoder_norms()
         return sae.to(device)
+
+    @torch.no_grad()
+    def fold_decoder_norms(self) -> None:
+        """Rescale so every decoder row has unit norm without changing any output: latent ``i`` is multiplied
+        by ``‖W_dec[i]‖`` on the way in and divided by it on the way out. Makes a sae-lens TopK SAE trained
+        with ``rescale_acts_by_decoder_norm`` (which selects on norm-scaled pre-activations) a plain TopK one."""
+        norms = self.W_dec.norm(dim=-1).clamp_min(1e-12)
+        self.W_enc.mul_(norms)
+        self.b_enc.mul_(norms)
+        self.threshold.mul_(norms)
+        self.W_dec.div_(norms[:, None])
 
 
 def config_from_saelens(raw: dict[str, Any], tensors: dict[str, torch.Tensor], *, where: str) -> SAEConfig:
@@ -196,8 +209,8 @@ def config_from_saelens(raw: dict[str, Any], tensors: dict[str, torch.Tensor], *
         architecture = "relu"
     else:
         raise SAEFormatError(f"{where}: unsupported SAE architecture {arch or act!r}; we load {ARCHITECTURES}")
-    if raw.get("rescale_acts_by_decoder_norm"):
-        raise SAEFormatError(f"{where}: rescale_acts_by_decoder_norm=true is not supported; fold W_dec norms first")
+    if raw.get("rescale_acts_by_decoder_norm") and architecture != "topk":
+        raise SAEFormatError(f"{where}: rescale_acts_by_decoder_norm=true is only supported for topk SAEs")
     metadata = {k_: v for k_, v in (raw.get("metadata") or {}).items() if k_ != "pluristeer"}
     for key in ("model_name", "hook_name", "hook_layer"):  # pre-v6 sae-lens kept these at the top
         if key in raw and key not in metadata:

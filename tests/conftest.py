@@ -122,3 +122,58 @@ def tiny_lm_dir(tmp_path_factory) -> Path:
     model.save_pretrained(path)
     load_tokenizer("embedded").save_pretrained(path)
     return path
+
+
+def synthetic_store(
+    root: Path,
+    *,
+    d: int = 32,
+    n_features: int = 256,
+    active: float = 4.0,
+    rows: int = 8192,
+    shards: int = 4,
+    layer: int = 3,
+    seed: int = 0,
+    dtype: str = "float32",
+) -> Path:
+    """A complete activation store of sparse synthetic activations: each row is a few of ``n_features``
+    random unit directions with exponential weights, plus an offset and noise (for SAE training tests)."""
+    import numpy as np
+
+    from pipelines.store import Manifest, RunningStats, StoreWriter, write_shard
+
+    rng = np.random.default_rng(seed)
+    atoms = rng.standard_normal((n_features, d)).astype(np.float32)
+    atoms /= np.linalg.norm(atoms, axis=1, keepdims=True)
+    offset = rng.standard_normal(d).astype(np.float32) * 2
+    manifest = Manifest(model="synthetic", layers=[layer], d_model=d, dtype=dtype, context_size=64, n_tokens=rows)
+    writer = StoreWriter(root, manifest)
+    stats = RunningStats(d)
+    per = rows // shards
+    for i in range(shards):
+        z = (rng.random((per, n_features)) < active / n_features) * rng.exponential(2.0, (per, n_features))
+        x = (z @ atoms + offset + 0.05 * rng.standard_normal((per, d))).astype(np.float32)
+        extra = {
+            "token_id": np.zeros(per, np.int32),
+            "context": np.arange(i * per, (i + 1) * per, dtype=np.int64),
+            "position": np.ones(per, np.int16),
+        }
+        writer.record(write_shard(root, i, {layer: x}, extra, dtype))
+        stats.update(x)
+    writer.finalize({str(layer): stats.to_dict()}, {"synthetic": True})
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 8192-row, 4-shard synthetic store of 32-dim activations at layer 3 (read-only: do not write to it)."""
+    return synthetic_store(tmp_path_factory.mktemp("tiny_store") / "store")
+
+
+@pytest.fixture
+def one_thread():
+    """Run the test with one intra-op thread (small ops are far slower with two on a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -94,3 +94,20 @@ def test_config_rejects_bad_values() -> None:
         SAEConfig(d_in=4, d_sae=8, architecture="gated")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="k must be"):
         SAEConfig(d_in=4, d_sae=8, k=9)
+
+
+@pytest.mark.parametrize("rescale", [True, False])
+def test_we_load_sae_lens_topk_trained_with_decoder_norm_rescaling(tmp_path: Path, rescale: bool) -> None:
+    from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
+
+    torch.manual_seed(2)
+    theirs = TopKSAE(TopKSAEConfig(d_in=16, d_sae=64, k=4, rescale_acts_by_decoder_norm=rescale))
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.normal_(0, 0.3)
+        theirs.W_dec.mul_(torch.rand(64, 1) * 2 + 0.2)  # decoder norms far from 1
+    theirs.save_model(str(tmp_path))
+    ours = SparseAutoencoder.load(tmp_path)
+    x = torch.randn(8, 16)
+    torch.testing.assert_close(ours(x), theirs.decode(theirs.encode(x)), atol=1e-5, rtol=1e-5)
+    assert ((ours.encode(x) != 0).sum(-1) <= 4).all()

@@ -1,0 +1,592 @@
+"""``pluristeer train``: fit SAEs (8x, 32x, ... from one pass) on an activation store with Ray Train.
+
+A :class:`ray.train.torch.TorchTrainer` runs :func:`train_worker` on ``workers`` processes: each reads
+its share of the store's shards (:meth:`ActivationStore.iter_batches`), and the SAEs of
+:class:`sae.train.SAETrainer` train on the same batches under DDP (gloo on CPU, NCCL on GPU) or DeepSpeed
+(ZeRO stage 0-2; on CPU through gloo). Every ``checkpoint_every`` steps the workers report a checkpoint,
+so a killed worker restarts from it (``max_failures``), and rerunning the same command (same ``name`` and
+``output_dir``) resumes an interrupted run. Rank 0 logs loss, MSE, explained variance, L0, dead fraction,
+tokens/s and MFU to W&B. At the end the driver writes one sae-lens directory per SAE into ``output_dir``
+(normalisation folded in) with ``training.json``, and evaluates each on held-out corpus text (MSE,
+explained variance, L0, dead fraction, CE loss recovered).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import queue
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from pipelines.config import ConfigError, StageConfig, check
+from pipelines.store import MANIFEST, ActivationStore, StoreError
+from sae.atomic import atomic_write_json, sha256_file
+from sae.train import Normalizer, SAESpec, SAETrainer, TrainerConfig, low_precision_dtype, unwrap_model
+
+MODEL_FILE = "model.pt"
+TRAINER_FILE = "trainer.pt"
+DEEPSPEED_TAG = "deepspeed"
+TRAINING_FILE = "training.json"
+
+
+@dataclass
+class TrainConfig(StageConfig):
+    """Configuration of ``pluristeer train`` (YAML fields; override with ``--set field=value``)."""
+
+    store: Path = Path("runs/store")  # activation store directory (pluristeer collect's output)
+    layer: int | None = None  # None: the store's only layer
+    expansions: list[float] = field(default_factory=lambda: [8.0, 32.0])  # one SAE per expansion
+    k: int = 32
+    architecture: Literal["topk", "batchtopk", "relu", "jumprelu"] = "topk"
+    saes: list[dict] = field(default_factory=list)  # explicit SAESpec mappings; replace expansions/k/architecture
+    lr: float | None = None  # None: 8e-4 / sqrt(d_sae / 2^14) per SAE
+    batch_size: int = 2048  # tokens per step, all workers together
+    tokens: int = 0  # tokens to train on; 0: epochs × the store's rows
+    epochs: float = 1.0
+    shuffle_window: int = 65536
+    warmup: float = 0.02
+    decay: float = 0.2
+    dead_tokens: int = 250_000
+    auxk_coefficient: float = 1 / 32
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    workers: int = 1
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False
+    deepspeed: bool = False
+    zero_stage: int = 1
+    checkpoint_every: int = 100  # steps
+    keep_checkpoints: int = 2
+    max_failures: int = 3
+    log_every: int = 10  # steps
+    output_dir: Path = Path("runs/train")
+    name: str | None = None  # Ray Train run name; None: derived from the store and layer
+    ray_address: str | None = None
+    seed: int = 0
+    eval_tokens: int = 16384  # held-out corpus tokens for the final evaluation; 0: skip it
+    eval_model: str | None = None  # LM for CE loss recovered; None: the store's model
+    corpus: Path | None = None  # held-out text; None: $PLURISTEER_DATA/corpus
+    heldout: Literal["tail", "after_store"] = "tail"  # the corpus's last documents, or the contexts after the store's
+    track: bool = True  # W&B (offline unless WANDB_API_KEY is set)
+    inject_failure_at_step: int = 0  # testing: the last worker kills itself once at this step
+
+    def validate(self) -> None:
+        check(self.batch_size > 0, f"batch_size must be positive, got {self.batch_size}")
+        check(self.workers >= 1, f"workers must be >= 1, got {self.workers}")
+        check(
+            self.batch_size % self.workers == 0,
+            f"batch_size ({self.batch_size}) must be divisible by workers ({self.workers})",
+        )
+        check(self.cpus_per_worker > 0, f"cpus_per_worker must be positive, got {self.cpus_per_worker}")
+        check(self.tokens >= 0 and self.epochs > 0, "tokens must be >= 0 and epochs > 0")
+        check(self.zero_stage in (0, 1, 2), f"zero_stage must be 0, 1 or 2, got {self.zero_stage}")
+        check(self.checkpoint_every >= 1 and self.log_every >= 1, "checkpoint_every and log_every must be >= 1")
+        check(0 <= self.warmup < 1 and 0 <= self.decay < 1, "warmup and decay are fractions of the steps in [0, 1)")
+        check(self.saes != [] or self.expansions != [], "give expansions (e.g. [8, 32]) or saes")
+        check(self.eval_tokens >= 0, f"eval_tokens must be >= 0, got {self.eval_tokens}")
+        self.specs()
+
+    def specs(self) -> list[SAESpec]:
+        """The SAEs to train, from ``saes`` or from ``expansions`` × ``k`` × ``architecture``."""
+        if self.saes:
+            out = []
+            for i, raw in enumerate(self.saes):
+                try:
+                    out.append(SAESpec(**raw))
+                except (TypeError, ValueError) as err:
+                    fields = sorted(SAESpec.__dataclass_fields__)
+                    raise ConfigError(f"saes[{i}]: {err}; an SAE spec takes {fields}") from None
+            return out
+        try:
+            return [
+                SAESpec(
+                    expansion=e,
+                    k=self.k,
+                    architecture=self.architecture,
+                    lr=self.lr,
+                    auxk_coefficient=self.auxk_coefficient,
+                )
+                for e in self.expansions
+            ]
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+
+    def trainer_config(self, store_rows: int) -> TrainerConfig:
+        tokens = self.tokens or int(self.epochs * store_rows)
+        if tokens < self.batch_size:
+            raise ConfigError(f"tokens ({tokens}) is less than one batch ({self.batch_size}): lower batch_size")
+        return TrainerConfig(
+            batch_size=self.batch_size,
+            total_tokens=tokens,
+            warmup=self.warmup,
+            decay=self.decay,
+            dead_tokens=self.dead_tokens,
+            precision=self.precision,
+            seed=self.seed,
+        )
+
+    def run_name(self, layer: int) -> str:
+        return self.name or f"sae-{Path(self.store).name}-L{layer}"
+
+
+@dataclass
+class TrainResult:
+    """What :func:`run_train` returns: the SAE directories, their metrics, and the Ray checkpoint."""
+
+    sae_dirs: dict[str, Path]
+    metrics: dict[str, dict[str, Any]]
+    checkpoint: str | None
+    steps: int
+    tokens: int
+    report: dict[str, Any] = field(default_factory=dict)  # the last metrics the workers reported
+
+
+# -- data ----------------------------------------------------------------------------------------------
+def _store_and_layer(cfg: TrainConfig) -> tuple[ActivationStore, int]:
+    store = ActivationStore(cfg.store)
+    layer = cfg.layer
+    if layer is None:
+        if len(store.layers) != 1:
+            raise ConfigError(f"{cfg.store} holds layers {store.layers}: set layer to one of them")
+        layer = store.layers[0]
+    if layer not in store.layers:
+        raise ConfigError(f"layer {layer} is not in {cfg.store}, which holds layers {store.layers}")
+    if len(store.manifest.shards) < cfg.workers:
+        raise ConfigError(
+            f"{cfg.store} has {len(store.manifest.shards)} shard(s), fewer than workers={cfg.workers}: "
+            "each worker reads whole shards, so lower workers (or collect with smaller shards)"
+        )
+    return store, layer
+
+
+def _normalizer(store: ActivationStore, layer: int) -> Normalizer:
+    try:
+        return Normalizer.from_stats(store.stats(layer))
+    except (StoreError, KeyError):
+        return Normalizer.from_sample(store.read(layer, limit=65536))
+
+
+def stream_batches(
+    store: ActivationStore, layer: int, batch_size: int, cfg: TrainConfig, rank: int, world: int, skip: int = 0
+) -> Iterator[torch.Tensor]:
+    """This rank's batches over epochs without end (epoch ``e`` reshuffles with seed ``(seed, e)``),
+    the first ``skip`` dropped (a resumed run continues where its checkpoint was), read ahead in a thread."""
+
+    def endless() -> Iterator[torch.Tensor]:
+        epoch = 0
+        while True:
+            n = 0
+            for batch in store.iter_batches(
+                layer,
+                batch_size,
+                shuffle_window=cfg.shuffle_window,
+                seed=cfg.seed,
+                rank=rank,
+                world_size=world,
+                epoch=epoch,
+            ):
+                n += 1
+                yield batch
+            if n == 0:
+                raise StoreError(f"rank {rank}: its shards of {store.root} hold less than one batch of {batch_size}")
+            epoch += 1
+
+    it = endless()
+    for _ in range(skip):
+        next(it)
+    return _prefetch(it, depth=4)
+
+
+def _prefetch(it: Iterator[torch.Tensor], depth: int) -> Iterator[torch.Tensor]:
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            for item in it:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+        except BaseException as err:  # handed to the consumer
+            q.put(err)
+
+    threading.Thread(target=work, daemon=True, name="store-prefetch").start()
+    try:
+        while True:
+            item = q.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+# -- the worker loop -------------------------------------------------------------------------------------
+def deepspeed_config(cfg: TrainConfig, local_batch: int) -> dict[str, Any]:
+    """DeepSpeed settings: fp32 master weights and a client Adam (the SAE kernels pick their own matmul
+    precision), ZeRO ``zero_stage``."""
+    return {
+        "train_micro_batch_size_per_gpu": local_batch,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _save_checkpoint(trainer: SAETrainer, engine: Any, directory: Path, rank: int) -> bool:
+    """Write this rank's part of a checkpoint into ``directory``; True if it wrote anything."""
+    if engine is not None and hasattr(engine, "save_checkpoint"):  # DeepSpeed: every rank writes its shard
+        engine.save_checkpoint(str(directory), tag=DEEPSPEED_TAG, client_state={"trainer": trainer.trainer_state()})
+        if rank == 0:
+            torch.save(unwrap_model(trainer.model).state_dict(), directory / MODEL_FILE)
+            torch.save(trainer.trainer_state(), directory / TRAINER_FILE)
+        return True
+    if rank != 0:
+        return False
+    torch.save(unwrap_model(trainer.model).state_dict(), directory / MODEL_FILE)
+    torch.save({**trainer.trainer_state(), "optimizer": trainer.optimizer.state_dict()}, directory / TRAINER_FILE)
+    return True
+
+
+def _load_checkpoint(trainer: SAETrainer, engine: Any, directory: Path) -> None:
+    if engine is not None and hasattr(engine, "load_checkpoint"):
+        _, client = engine.load_checkpoint(str(directory), tag=DEEPSPEED_TAG, load_lr_scheduler_states=False)
+        if client is None:
+            raise StoreError(f"{directory} holds no DeepSpeed checkpoint (was the run started without deepspeed?)")
+        trainer.load_trainer_state(client["trainer"])
+        return
+    state = torch.load(directory / TRAINER_FILE, map_location=trainer.device, weights_only=True)
+    if "optimizer" not in state:
+        raise StoreError(f"{directory} holds a DeepSpeed checkpoint: resume it with deepspeed=true")
+    unwrap_model(trainer.model).load_state_dict(torch.load(directory / MODEL_FILE, map_location=trainer.device))
+    trainer.optimizer.load_state_dict(state.pop("optimizer"))
+    trainer.load_trainer_state(state)
+
+
+def train_worker(loop_config: dict[str, Any]) -> None:
+    """The per-worker training loop that :class:`TorchTrainer` runs (one process per worker)."""
+    import ray.train
+    import ray.train.torch
+
+    from sae.perf import flops_per_token, matmul_peak_flops
+
+    cfg = TrainConfig.from_dict(loop_config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
+    store, layer = _store_and_layer(cfg)
+    tcfg = cfg.trainer_config(len(store))
+    trainer = SAETrainer(cfg.specs(), store.d_model, tcfg, normalizer=_normalizer(store, layer), device=device)
+    local_batch = cfg.batch_size // world
+    engine = None
+    if cfg.deepspeed:
+        import deepspeed
+
+        engine, optimizer, _, _ = deepspeed.initialize(
+            model=trainer.model, optimizer=trainer.optimizer, config=deepspeed_config(cfg, local_batch)
+        )
+        trainer.wrap(engine, optimizer)
+    elif world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        engine = DistributedDataParallel(trainer.model, device_ids=[device] if device.type == "cuda" else None)
+        trainer.wrap(engine)
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            _load_checkpoint(trainer, engine, Path(directory))
+    resumed_from = trainer.step
+    total = tcfg.total_steps
+    batches = stream_batches(store, layer, local_batch, cfg, rank, world, skip=trainer.step)
+
+    tracker = None
+    lp = low_precision_dtype(tcfg.precision, device)
+    peak = matmul_peak_flops(device, lp or torch.float32)
+    flops = sum(flops_per_token(s) for s in trainer.saes.values())
+    if rank == 0 and cfg.track:
+        from pipelines.tracking import Tracker
+
+        tracker = Tracker("train", cfg.to_dict(), cfg.output_dir, name=f"{cfg.run_name(layer)}-r{resumed_from}")
+    marker = Path(cfg.output_dir) / f".{cfg.run_name(layer)}.failure-injected"
+    clock, clock_tokens = time.perf_counter(), trainer.tokens
+    try:
+        while trainer.step < total:
+            outs = trainer.train_step(next(batches))
+            if trainer.step == cfg.inject_failure_at_step and rank == world - 1 and not marker.exists():
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.touch()
+                time.sleep(5)  # let the controller collect the last reports (it polls every 2 s) before dying
+                os.kill(os.getpid(), signal.SIGKILL)
+            last = trainer.step == total
+            save = last or trainer.step % cfg.checkpoint_every == 0
+            if not (save or trainer.step % cfg.log_every == 0):
+                continue
+            elapsed = time.perf_counter() - clock
+            tokens_per_s = (trainer.tokens - clock_tokens) / max(elapsed, 1e-9)
+            clock, clock_tokens = time.perf_counter(), trainer.tokens
+            metrics = {
+                **trainer.metrics(outs),
+                "step": trainer.step,
+                "tokens": trainer.tokens,
+                "tokens_per_s": tokens_per_s,
+                "mfu": tokens_per_s * flops / (peak * world),
+                "peak_flops": peak,
+                "resumed_from_step": resumed_from,
+            }
+            if tracker is not None:
+                tracker.log(metrics, step=trainer.step)
+            if not save:
+                ray.train.report(metrics)
+                continue
+            with tempfile.TemporaryDirectory(prefix="sae-ckpt-") as tmp:
+                wrote = _save_checkpoint(trainer, engine, Path(tmp), rank)
+                ray.train.report(
+                    metrics,
+                    checkpoint=ray.train.Checkpoint.from_directory(tmp) if wrote else None,
+                    checkpoint_dir_name=f"step-{trainer.step:08d}",
+                )
+    finally:
+        if tracker is not None:
+            tracker.finish()
+
+
+# -- the driver ------------------------------------------------------------------------------------------
+def run_train(cfg: TrainConfig) -> TrainResult:
+    """Train, export and evaluate the SAEs of ``cfg``; see the module docstring."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipelines.raycluster import init_ray
+
+    store, layer = _store_and_layer(cfg)
+    cfg.trainer_config(len(store))  # fail early on a too-small store
+    output = Path(cfg.output_dir).resolve()
+    output.mkdir(parents=True, exist_ok=True)
+    init_ray(cfg.ray_address)
+    cfg_dict = {**cfg.to_dict(), "store": str(Path(cfg.store).resolve()), "output_dir": str(output)}
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"cfg": cfg_dict},
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.run_name(layer),
+            storage_path=str(output / "ray"),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            worker_runtime_env={"env_vars": {"PYTHONPATH": _pythonpath()}},
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training finished without a checkpoint (error: {result.error})")
+    with result.checkpoint.as_directory() as directory:
+        model_state = torch.load(Path(directory) / MODEL_FILE, map_location="cpu")
+        trainer_state = torch.load(Path(directory) / TRAINER_FILE, map_location="cpu", weights_only=True)
+    final = dict(result.metrics or {})
+    sae_dirs, metrics = export_saes(TrainConfig.from_dict(cfg_dict), store, layer, model_state, trainer_state, final)
+    return TrainResult(
+        sae_dirs=sae_dirs,
+        metrics=metrics,
+        checkpoint=result.checkpoint.path,
+        steps=int(trainer_state["step"]),
+        tokens=int(trainer_state["tokens"]),
+        report=final,
+    )
+
+
+def _pythonpath() -> str:
+    """This checkout first on the workers' ``PYTHONPATH`` (a no-op where pluristeer is installed)."""
+    root = str(Path(__file__).resolve().parents[1])
+    rest = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != "."]
+    return os.pathsep.join([root, *rest])
+
+
+def export_saes(
+    cfg: TrainConfig,
+    store: ActivationStore,
+    layer: int,
+    model_state: dict[str, Any],
+    trainer_state: dict[str, Any],
+    final_metrics: dict[str, Any],
+) -> tuple[dict[str, Path], dict[str, dict[str, Any]]]:
+    """Write one sae-lens directory per SAE (``cfg.json``, ``sae_weights.safetensors``, ``training.json``)
+    and evaluate them; returns their paths and metrics by name."""
+    tcfg = cfg.trainer_config(len(store))
+    trainer = SAETrainer(cfg.specs(), store.d_model, tcfg, normalizer=Normalizer.from_dict(trainer_state["normalizer"]))
+    unwrap_model(trainer.model).load_state_dict(model_state)
+    trainer.load_trainer_state(trainer_state)
+    manifest = store.manifest
+    metadata = {
+        "model_name": manifest.model,
+        "hook_name": f"blocks.{layer}.hook_resid_post",
+        "hook_layer": layer,
+        "context_size": manifest.context_size,
+        "dataset_path": str(store.root),
+        "prepend_bos": False,
+    }
+    saes = trainer.export(metadata)
+    evaluation = evaluate_on_heldout(cfg, store, layer, saes) if cfg.eval_tokens else {}
+    dirs: dict[str, Path] = {}
+    metrics: dict[str, dict[str, Any]] = {}
+    for name, sae in saes.items():
+        path = Path(cfg.output_dir) / f"L{layer}-{name}"
+        sae.save(path)
+        train_metrics = {k.split("/", 1)[1]: v for k, v in final_metrics.items() if k.startswith(f"{name}/")}
+        metrics[name] = {"train": train_metrics, "eval": evaluation.get(name, {})}
+        atomic_write_json(
+            path / TRAINING_FILE,
+            {
+                "config": cfg.to_dict(),
+                "spec": asdict(trainer.specs[name]),
+                "layer": layer,
+                "steps": trainer.step,
+                "tokens": trainer.tokens,
+                "normalizer_scale": trainer.normalizer.scale,
+                "final_metrics": metrics[name],
+                "throughput": {k: final_metrics[k] for k in ("tokens_per_s", "mfu") if k in final_metrics},
+                "store": {
+                    "path": str(store.root),
+                    "manifest_sha256": sha256_file(store.root / MANIFEST),
+                    "rows": len(store),
+                    "model": manifest.model,
+                },
+                "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            },
+        )
+        dirs[name] = path
+    if cfg.track:
+        _log_final(cfg, layer, dirs, metrics)
+    return dirs, metrics
+
+
+def _log_final(cfg: TrainConfig, layer: int, dirs: dict[str, Path], metrics: dict[str, dict[str, Any]]) -> None:
+    from pipelines.tracking import Tracker
+
+    with Tracker("train", cfg.to_dict(), cfg.output_dir, name=f"{cfg.run_name(layer)}-final") as tracker:
+        flat = {f"{n}/{part}/{k}": v for n, m in metrics.items() for part, d in m.items() for k, v in d.items()}
+        tracker.summary({k: v for k, v in flat.items() if isinstance(v, int | float)})
+        for name, path in dirs.items():
+            tracker.log_artifact(path, name=f"sae-L{layer}-{name}", type="sae")
+
+
+# -- held-out evaluation ---------------------------------------------------------------------------------
+def pack_contexts(tokenizer: Any, documents: Iterable[str], context_size: int) -> Iterator[list[int]]:
+    """Concatenate tokenised documents (EOS after each) and cut them into ``context_size`` windows."""
+    buffer: list[int] = []
+    for doc in documents:
+        buffer.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
+        if tokenizer.eos_token_id is not None:
+            buffer.append(tokenizer.eos_token_id)
+        while len(buffer) >= context_size:
+            yield buffer[:context_size]
+            buffer = buffer[context_size:]
+
+
+def heldout_input_ids(
+    tokenizer: Any, corpus: str | Path, n_tokens: int, context_size: int, *, skip_contexts: int | None = None
+) -> torch.Tensor:
+    """``[contexts, context_size]`` token ids of text the SAEs have not seen.
+
+    ``skip_contexts=None``: from the *last* documents of the corpus (collection reads it from the start).
+    Otherwise the contexts that follow the first ``skip_contexts`` ones, packed as :func:`pack_contexts`
+    does: the same distribution as the store's, if the store was collected with that packing."""
+    from pipelines.corpus import iter_documents
+
+    need = math.ceil(n_tokens / (context_size - 1))
+    contexts: list[list[int]] = []
+    if skip_contexts is not None:
+        for i, ctx in enumerate(pack_contexts(tokenizer, iter_documents(corpus), context_size)):
+            if i >= skip_contexts:
+                contexts.append(ctx)
+            if len(contexts) >= need:
+                break
+    else:
+        ids: list[int] = []
+        for doc in reversed(list(iter_documents(corpus))):
+            ids = tokenizer(doc, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] + ids
+            while len(ids) >= context_size and len(contexts) < need:
+                contexts.append(ids[-context_size:])
+                ids = ids[:-context_size]
+            if len(contexts) >= need:
+                break
+        contexts.reverse()
+    if not contexts:
+        raise StoreError(f"the corpus {corpus} has no unused context of {context_size} tokens")
+    return torch.tensor(contexts)
+
+
+def evaluate_saes(
+    model: Any, saes: dict[str, Any], layer: int, input_ids: torch.Tensor, *, outlier: float = 10.0
+) -> dict[str, dict[str, float]]:
+    """Per SAE: reconstruction metrics on the held-out residuals (position 0 and norm outliers dropped,
+    as in collection) and CE loss recovered on the same tokens."""
+    from sae.evaluate import ce_loss_recovered, reconstruction_metrics
+    from sae.hooks import residuals
+
+    acts = []
+    for start in range(0, input_ids.shape[0], 8):
+        h = residuals(model, [layer], input_ids[start : start + 8])[layer][:, 1:].float()
+        h = h.reshape(-1, h.shape[-1])
+        norms = h.norm(dim=-1)
+        acts.append(h[norms <= outlier * norms.median()])
+    out: dict[str, dict[str, float]] = {}
+    baseline = None
+    for name, sae in saes.items():
+        rec = reconstruction_metrics(sae, [a for a in acts])
+        ce = ce_loss_recovered(model, sae, layer, input_ids, baseline=baseline)
+        baseline = {k: ce[k] for k in ("ce_clean", "ce_zero", "ce_tokens")}
+        out[name] = {**rec, **ce}
+    return out
+
+
+def evaluate_on_heldout(
+    cfg: TrainConfig, store: ActivationStore, layer: int, saes: dict[str, Any]
+) -> dict[str, dict[str, float]]:
+    from pipelines.datasets import data_dir
+    from sae.lm import EMBEDDED, load_lm
+
+    model_id = cfg.eval_model or store.manifest.model
+    if model_id.startswith(f"{EMBEDDED}:"):
+        model_id = EMBEDDED
+    model, tokenizer = load_lm(model_id)
+    corpus = cfg.corpus or data_dir() / "corpus"
+    skip = None
+    if cfg.heldout == "after_store":
+        skip = int(store.read_column("context").max()) + 1
+    ids = heldout_input_ids(tokenizer, corpus, cfg.eval_tokens, store.manifest.context_size, skip_contexts=skip)
+    outlier = float(store.manifest.positions_dropped.get("outlier_factor", 10.0))
+    return evaluate_saes(model, saes, layer, ids, outlier=outlier)
+
+
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "deepspeed_config",
+    "evaluate_saes",
+    "export_saes",
+    "heldout_input_ids",
+    "pack_contexts",
+    "run_train",
+    "stream_batches",
+    "train_worker",
+]

@@ -1,0 +1,153 @@
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipelines.config import ConfigError
+from pipelines.corpus import iter_documents
+from pipelines.store import ActivationStore
+from pipelines.train import (
+    TrainConfig,
+    TrainResult,
+    evaluate_saes,
+    heldout_input_ids,
+    pack_contexts,
+    run_train,
+    stream_batches,
+)
+from sae.atomic import sha256_file
+from sae.model import SAEConfig, SparseAutoencoder
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _cfg(store: Path, out: Path, **kw) -> TrainConfig:
+    base = {
+        "store": str(store),
+        "expansions": [4, 8],
+        "k": 4,
+        "lr": 3e-3,
+        "batch_size": 512,
+        "epochs": 1,
+        "workers": 2,
+        "checkpoint_every": 10,
+        "log_every": 5,
+        "output_dir": str(out),
+        "eval_tokens": 0,
+        "track": False,
+        "dead_tokens": 2048,
+    }
+    return TrainConfig.from_dict({**base, **kw})
+
+
+def test_config_errors_name_the_field(tiny_store: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="zero_stage"):
+        _cfg(tiny_store, tmp_path, zero_stage=3)
+    with pytest.raises(ConfigError, match="divisible by workers"):
+        _cfg(tiny_store, tmp_path, batch_size=513)
+    with pytest.raises(ConfigError, match=r"saes\[0\]"):
+        _cfg(tiny_store, tmp_path, saes=[{"expansion": 8, "width": 3}])
+    with pytest.raises(ConfigError, match="architecture"):
+        _cfg(tiny_store, tmp_path, architecture="gated")
+    cfg = _cfg(tiny_store, tmp_path, saes=[{"expansion": 2, "architecture": "relu"}, {"d_sae": 100, "k": 3}])
+    assert [s.label(32) for s in cfg.specs()] == ["relu-2x", "topk-100-k3"]
+    with pytest.raises(ConfigError, match="fewer than workers"):
+        run_train(_cfg(tiny_store, tmp_path, workers=8, batch_size=512))
+
+
+def test_stream_resumes_where_it_left_off(tiny_store: Path, tmp_path: Path) -> None:
+    store = ActivationStore(tiny_store)
+    cfg = _cfg(tiny_store, tmp_path, shuffle_window=1024)
+    full = stream_batches(store, 3, 256, cfg, rank=1, world=2)
+    seen = [next(full) for _ in range(20)]  # crosses into the second epoch (16 batches per epoch)
+    skipped = stream_batches(store, 3, 256, cfg, rank=1, world=2, skip=13)
+    for want in seen[13:]:
+        torch.testing.assert_close(next(skipped), want)
+    assert not torch.equal(seen[0], seen[16])  # epoch 2 is reshuffled
+
+
+def test_heldout_text_is_the_tail_of_the_corpus(tmp_path: Path) -> None:
+    from sae.lm import load_tokenizer
+
+    for i in range(30):
+        (tmp_path / f"doc{i:02d}.txt").write_text(f"Document number {i}. " * 40)
+    tokenizer = load_tokenizer("embedded")
+    ids = heldout_input_ids(tokenizer, tmp_path, 200, 64)
+    assert ids.shape == (4, 64)
+    text = tokenizer.decode(ids[-1])
+    assert "Document number 29" in text and "Document number 0." not in tokenizer.decode(ids.flatten())
+    after = heldout_input_ids(tokenizer, tmp_path, 100, 64, skip_contexts=3)
+    packed = list(pack_contexts(tokenizer, iter_documents(tmp_path), 64))
+    assert after.tolist() == packed[3:5]
+
+
+def test_evaluate_saes_reports_reconstruction_and_ce(tiny_llama) -> None:
+    torch.manual_seed(0)
+    ids = torch.randint(3, 256, (3, 16))
+    saes = {"a": SparseAutoencoder(SAEConfig(d_in=64, d_sae=128, k=8)), "b": SparseAutoencoder(SAEConfig(64, 256))}
+    out = evaluate_saes(tiny_llama, saes, 1, ids)
+    for m in out.values():
+        assert m["tokens"] == 3 * 15 and m["l0"] <= 32
+        assert {"mse", "explained_variance", "dead_fraction", "ce_loss_recovered"} <= set(m)
+    assert out["a"]["ce_clean"] == out["b"]["ce_clean"]
+
+
+def _check_outputs(result: TrainResult, store: Path) -> None:
+    from sae_lens import SAE
+
+    assert set(result.sae_dirs) == {"topk-4x-k4", "topk-8x-k4"}
+    x = ActivationStore(store).read(3, limit=32)
+    for name, path in result.sae_dirs.items():
+        training = json.loads((path / "training.json").read_text())
+        assert training["store"]["manifest_sha256"] == sha256_file(store / "manifest.json")
+        assert training["steps"] == result.steps and training["config"]["k"] == 4
+        assert 0 < training["final_metrics"]["train"]["explained_variance"] <= 1
+        ours = SparseAutoencoder.load(path)
+        theirs = SAE.load_from_disk(str(path))
+        torch.testing.assert_close(theirs.decode(theirs.encode(x)), ours(x), atol=1e-4, rtol=1e-4)
+        assert ours.cfg.metadata["hook_name"] == "blocks.3.hook_resid_post", name
+
+
+def test_ray_train_with_two_ddp_workers_completes_with_a_checkpoint(
+    ray_cluster, tiny_store: Path, tmp_path: Path
+) -> None:
+    result = run_train(_cfg(tiny_store, tmp_path, track=True))
+    assert result.checkpoint is not None and Path(result.checkpoint).is_dir()
+    assert result.steps == 8192 // 512 and result.tokens == result.steps * 512
+    assert result.report["resumed_from_step"] == 0 and result.report["tokens_per_s"] > 0
+    _check_outputs(result, tiny_store)
+    assert list((tmp_path / "wandb").glob("offline-run-*")), "rank 0 logged to W&B (offline)"
+
+
+def test_deepspeed_zero2_run_resumes_after_a_worker_is_killed(ray_cluster, tiny_store: Path, tmp_path: Path) -> None:
+    cfg = _cfg(tiny_store, tmp_path, deepspeed=True, zero_stage=2, checkpoint_every=5, inject_failure_at_step=12)
+    result = run_train(cfg)
+    assert result.report["resumed_from_step"] == 10  # the last checkpoint before the kill, not step 0
+    assert result.steps == 16
+    _check_outputs(result, tiny_store)
+
+
+def test_cli_train_reports_config_errors_without_a_traceback(tiny_store: Path, tmp_path: Path) -> None:
+    config = tmp_path / "train.yaml"
+    config.write_text(f"store: {tiny_store}\nexpansions: [4]\nk: 4\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cli = [sys.executable, "-m", "pipelines.cli", "train", "--config", str(config)]
+    proc = subprocess.run([*cli, "--set", "workers=8"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode == 2 and "fewer than workers" in proc.stderr and "Traceback" not in proc.stderr
+    with pytest.raises(ConfigError, match=r"unknown field\(s\) \['wrkers'\]"):
+        TrainConfig.load(config, ["wrkers=2"])
