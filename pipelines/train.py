@@ -1,7 +1,7 @@
 """``pluristeer train``: fit SAEs (8x, 32x, ... from one pass) on an activation store with Ray Train.
 
 A :class:`ray.train.torch.TorchTrainer` runs :func:`train_worker` on ``workers`` processes: each reads
-its share of the store's shards (:meth:`ActivationStore.iter_batches`), and the SAEs of
+an equal share of the store's rows (:meth:`ActivationStore.iter_batches`), and the SAEs of
 :class:`sae.train.SAETrainer` train on the same batches under DDP (gloo on CPU, NCCL on GPU) or DeepSpeed
 (ZeRO stage 0-2; on CPU through gloo). Every ``checkpoint_every`` steps the workers report a checkpoint,
 so a killed worker restarts from it (``max_failures``), and rerunning the same command (same ``name`` and
@@ -160,10 +160,11 @@ def _store_and_layer(cfg: TrainConfig) -> tuple[ActivationStore, int]:
         layer = store.layers[0]
     if layer not in store.layers:
         raise ConfigError(f"layer {layer} is not in {cfg.store}, which holds layers {store.layers}")
-    if len(store.manifest.shards) < cfg.workers:
+    per_rank, per_batch = len(store) // cfg.workers, cfg.batch_size // cfg.workers
+    if per_rank < per_batch:
         raise ConfigError(
-            f"{cfg.store} has {len(store.manifest.shards)} shard(s), fewer than workers={cfg.workers}: "
-            "each worker reads whole shards, so lower workers (or collect with smaller shards)"
+            f"{cfg.store} holds {len(store)} rows: with workers={cfg.workers} each reads {per_rank}, less than "
+            f"one per-worker batch of {per_batch}; lower batch_size or workers"
         )
     return store, layer
 

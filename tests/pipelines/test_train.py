@@ -66,8 +66,8 @@ def test_config_errors_name_the_field(tiny_store: Path, tmp_path: Path) -> None:
         _cfg(tiny_store, tmp_path, architecture="gated")
     cfg = _cfg(tiny_store, tmp_path, saes=[{"expansion": 2, "architecture": "relu"}, {"d_sae": 100, "k": 3}])
     assert [s.label(32) for s in cfg.specs()] == ["relu-2x", "topk-100-k3"]
-    with pytest.raises(ConfigError, match="fewer than workers"):
-        run_train(_cfg(tiny_store, tmp_path, workers=8, batch_size=512))
+    with pytest.raises(ConfigError, match="less than one per-worker batch"):
+        run_train(_cfg(tiny_store, tmp_path, workers=2, batch_size=16384))
 
 
 def test_stream_resumes_where_it_left_off(tiny_store: Path, tmp_path: Path) -> None:
@@ -147,7 +147,9 @@ def test_cli_train_reports_config_errors_without_a_traceback(tiny_store: Path, t
     config.write_text(f"store: {tiny_store}\nexpansions: [4]\nk: 4\n")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     cli = [sys.executable, "-m", "pipelines.cli", "train", "--config", str(config)]
-    proc = subprocess.run([*cli, "--set", "workers=8"], capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert proc.returncode == 2 and "fewer than workers" in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run(
+        [*cli, "--set", "workers=2", "--set", "batch_size=16384"], capture_output=True, text=True, env=env, cwd=tmp_path
+    )
+    assert proc.returncode == 2 and "less than one per-worker batch" in proc.stderr and "Traceback" not in proc.stderr
     with pytest.raises(ConfigError, match=r"unknown field\(s\) \['wrkers'\]"):
         TrainConfig.load(config, ["wrkers=2"])
