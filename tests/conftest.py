@@ -107,3 +107,13 @@ def data_root() -> Path:
     root = Path(os.environ.get("PLURISTEER_DATA", REPO.parent / "shared" / "data"))
     assert root.is_dir(), f"data directory {root} is missing: set PLURISTEER_DATA"
     return root
+
+
+@pytest.fixture(scope="session")
+def embedded_sae(embedded, data_root):
+    """TEST FIXTURE SAE (see tests/sae_fixture.py, not the product trainer): TopK 8x k=32 at layer 15 of the
+    embedded model, fitted on ~8k corpus tokens and cached; ``PLURISTEER_TEST_SAE`` swaps in a real one."""
+    from tests.sae_fixture import fixture_sae
+
+    model, tokenizer = embedded
+    return fixture_sae(model, tokenizer, data_root / "corpus")

@@ -66,8 +66,9 @@ def test_refuses_another_model_layer_or_sae() -> None:
         vs.check(_model(), sae=_sae(seed=1))
     with pytest.raises(VectorSetMismatch, match="needs its SAE"):
         vs.check(_model())
-    with pytest.raises(VectorSetMismatch, match="cannot be applied in mode 'caa'"), vs.steer(
-        _model(), "Kenya", sae=sae, mode="caa"
+    with (
+        pytest.raises(VectorSetMismatch, match="cannot be applied in mode 'caa'"),
+        vs.steer(_model(), "Kenya", sae=sae, mode="caa"),
     ):
         pass
 
