@@ -80,7 +80,7 @@ class VectorSetMeta:
             raise VectorSetError(f"a {self.mode!r} vector set must record its SAE (sae_fingerprint)")
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        return json.dumps(asdict(self))  # unsorted: n_samples keeps the perspectives' order
 
     @classmethod
     def from_json(cls, text: str, where: str) -> VectorSetMeta:
@@ -134,7 +134,10 @@ class VectorSet:
         text = (header.get("__metadata__") or {}).get(META_KEY)
         if text is None:
             raise VectorSetError(f"{where} has no {META_KEY!r} metadata: not a pluristeer vector set")
-        return cls(vectors=dict(tensors), meta=VectorSetMeta.from_json(text, where))
+        meta = VectorSetMeta.from_json(text, where)
+        # safetensors does not keep tensor order: restore the perspectives' order from the metadata
+        order = [p for p in meta.n_samples if p in tensors] + sorted(set(tensors) - set(meta.n_samples))
+        return cls(vectors={p: tensors[p] for p in order}, meta=meta)
 
     def save(self, path: str | Path) -> Path:
         """Write the set atomically to ``path`` (a ``.safetensors`` file)."""

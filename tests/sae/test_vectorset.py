@@ -23,14 +23,14 @@ def _model(name: str = "tiny-llama"):
 
 def _set(sae: SparseAutoencoder, *, mode: str = "sae", dim: int = 256, zero: bool = False) -> VectorSet:
     g = torch.Generator().manual_seed(7)
-    vectors = {p: torch.zeros(dim) if zero else torch.randn(dim, generator=g) for p in ("Kenya", "Chile")}
+    vectors = {p: torch.zeros(dim) if zero else torch.randn(dim, generator=g) for p in ("Kenya", "Chile", "Austria")}
     meta = VectorSetMeta(
         model="tiny-llama",
         layer=2,
         mode=mode,
         granularity="fine",
         task="globalopinionqa",
-        n_samples={"Kenya": 50, "Chile": 48},
+        n_samples={"Kenya": 50, "Chile": 48, "Austria": 3},
         readout="last",
         dim=dim,
         sae_path=None if mode == "caa" else "/sae/dir",
@@ -44,13 +44,13 @@ def test_round_trip_keeps_vectors_and_metadata(tmp_path: Path) -> None:
     vs = _set(_sae())
     path = vs.save(tmp_path / "set.safetensors")
     back = VectorSet.load(path)
-    assert back.perspectives == ["Kenya", "Chile"]
+    assert back.perspectives == ["Kenya", "Chile", "Austria"]  # the order is kept
     torch.testing.assert_close(back["Chile"], vs["Chile"])
     m = back.meta
     assert (m.model, m.layer, m.mode, m.granularity, m.task, m.readout) == (
         "tiny-llama", 2, "sae", "fine", "globalopinionqa", "last"
     )  # fmt: skip
-    assert m.n_samples == {"Kenya": 50, "Chile": 48} and m.sae_path == "/sae/dir" and m.created
+    assert m.n_samples == {"Kenya": 50, "Chile": 48, "Austria": 3} and m.sae_path == "/sae/dir" and m.created
     assert back.rows(["Chile", None])[1] is None
 
 
