@@ -25,7 +25,7 @@ from pipelines.config import StageConfig, check
 from pipelines.datasets import LOADERS, load_records
 from pipelines.prompts import build_prompt, encode_prompts, feedback_text
 from pipelines.records import DataError, PerspectiveRecord
-from sae.vectors import differences, mean_by_group, pool, readout_residuals, sparsify
+from sae.vectors import differences, mean_by_group, paired_readouts, pool, readout_residuals, sparsify
 
 
 @dataclass
@@ -47,6 +47,7 @@ class VectorConfig(StageConfig):
     granularity: Literal["fine", "coarse", "both"] = "both"
     topk: int = 0  # keep the topk largest-magnitude entries of each vector (0: dense)
     batch_size: int = 32
+    share_prefix: bool = True  # run the prefix a pair's two prompts share once (KV cache), then both suffixes
     max_length: int = 1024  # pairs with a longer prompt (tokens) are skipped
     dtype: str = "float32"
     device: str = "auto"
@@ -145,13 +146,14 @@ def _prompt(text: str, readout: str, templated: bool):
 class Readouts:
     fine: dict[str, torch.Tensor]  # unsparsified per-perspective mean differences
     counts: dict[str, int]
-    tokens: int  # tokens run through the model (after de-duplication)
+    tokens: int  # tokens run through the model (after de-duplication and prefix sharing)
     prompts: int  # distinct prompts run
     skipped: int  # pairs dropped for exceeding max_length
 
 
 def derive_fine(cfg: VectorConfig, model: Any, tokenizer: Any, sae: Any, layer: int, pairs: list[FeedbackPair]):
-    """Fine vectors for ``pairs``: every distinct prompt read out once, in length-sorted batches."""
+    """Fine vectors for ``pairs`` in length-sorted batches: with ``share_prefix``, each distinct pair runs its
+    shared prefix once (:func:`sae.vectors.paired_readouts`); otherwise each distinct prompt runs once."""
     templated = {t: pair.templated for pair in pairs for t in (pair.with_feedback, pair.without)}
     texts = list(templated)  # distinct prompts, first-seen order
     ids, positions = encode_prompts(tokenizer, [_prompt(t, cfg.readout, templated[t]) for t in texts])
@@ -159,13 +161,26 @@ def derive_fine(cfg: VectorConfig, model: Any, tokenizer: Any, sae: Any, layer: 
     kept = [p for p in pairs if max(len(ids[row[p.with_feedback]]), len(ids[row[p.without]])) <= cfg.max_length]
     if not kept:
         raise DataError(f"every feedback pair is longer than max_length={cfg.max_length} tokens")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if cfg.share_prefix:
+        distinct = list(dict.fromkeys((row[p.with_feedback], row[p.without]) for p in kept))
+        h_w, h_o, tokens = paired_readouts(
+            model, layer, [(ids[w], ids[o]) for w, o in distinct], [(positions[w], positions[o]) for w, o in distinct],
+            pad_id=pad_id, batch_size=cfg.batch_size,
+        )  # fmt: skip
+        at_pair = {pair: j for j, pair in enumerate(distinct)}
+        index = [at_pair[(row[p.with_feedback], row[p.without])] for p in kept]
+        diffs = differences(h_w[index], h_o[index], mode=cfg.mode, sae=sae)
+        fine, counts = mean_by_group(diffs, [p.perspective for p in kept])
+        prompts = len({i for pair in distinct for i in pair})
+        return Readouts(fine, counts, tokens, prompts, len(pairs) - len(kept))
     used = sorted({row[t] for p in kept for t in (p.with_feedback, p.without)})
     h = readout_residuals(
         model,
         layer,
         [ids[i] for i in used],
         [positions[i] for i in used],
-        pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+        pad_id=pad_id,
         batch_size=cfg.batch_size,
     )
     at = {i: j for j, i in enumerate(used)}

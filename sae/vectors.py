@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from sae.hooks import SAELike, residuals
+from sae.hooks import SAELike, decoder_layers, residuals, resolve_layer
 
 VectorMode = Literal["sae", "residual", "caa"]
 VECTOR_MODES: tuple[str, ...] = ("sae", "residual", "caa")
@@ -86,6 +86,125 @@ def readout_residuals(
         start = end
     assert out is not None
     return out
+
+
+class _Stop(Exception):
+    """Raised after the readout layer: the rest of the model is skipped."""
+
+
+def _run_to(model: nn.Module, layer: int, **inputs: object) -> torch.Tensor:
+    """The output of block ``layer`` for one forward (with whatever cache it is given); later blocks never run."""
+    block = decoder_layers(model)[resolve_layer(model, layer)]
+    out: list[torch.Tensor] = []
+
+    def stop(_module: nn.Module, _inputs: object, output: object) -> None:
+        out.append(output[0] if isinstance(output, tuple) else output)  # type: ignore[arg-type,index]
+        raise _Stop
+
+    handle = block.register_forward_hook(stop)
+    try:
+        model(**inputs)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return out[0]
+
+
+def _shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+@torch.inference_mode()
+def paired_readouts(
+    model: nn.Module,
+    layer: int,
+    pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+    positions: Sequence[tuple[int, int]],
+    *,
+    pad_id: int = 0,
+    batch_size: int = 32,
+    max_batch_tokens: int = 8192,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Readouts of ``(with, without)`` prompt pairs, running each pair's shared token prefix only once.
+
+    The prefix runs into a KV cache (stopping after ``layer``), the cache is duplicated, and only the two
+    suffixes run on top of it. Returns ``(h_with, h_without, tokens computed)``; equal, up to float error,
+    to :func:`readout_residuals` of every prompt, at the cost of ``prefix + both suffixes`` tokens per pair
+    instead of ``2 x prefix + both suffixes``. Pairs with no usable shared prefix run whole.
+    """
+    from transformers import DynamicCache
+
+    if len(pairs) != len(positions):
+        raise ValueError(f"{len(pairs)} pairs but {len(positions)} readout position pairs")
+    pos = [(pw % len(w), po % len(o)) for (w, o), (pw, po) in zip(pairs, positions, strict=True)]
+    # the prefix must end before both readout tokens, so each readout lies in its own suffix
+    shared = [min(_shared_prefix(w, o), pw, po) for (w, o), (pw, po) in zip(pairs, pos, strict=True)]
+    h_with = torch.empty(0)
+    h_without = torch.empty(0)
+    whole = [i for i, s in enumerate(shared) if s == 0]
+    tokens = 0
+    if whole:
+        seqs = [pairs[i][k] for i in whole for k in (0, 1)]
+        rows = readout_residuals(
+            model, layer, seqs, [pos[i][k] for i in whole for k in (0, 1)], pad_id=pad_id,
+            batch_size=batch_size, max_batch_tokens=max_batch_tokens,
+        )  # fmt: skip
+        tokens += sum(len(s) for s in seqs)
+    device = next(model.parameters()).device
+    results: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    if whole:
+        results.update({i: (rows[2 * j], rows[2 * j + 1]) for j, i in enumerate(whole)})
+    todo = sorted((i for i, s in enumerate(shared) if s > 0), key=lambda i: max(len(pairs[i][0]), len(pairs[i][1])))
+    start = 0
+    while start < len(todo):
+        end = start + 1
+        while (
+            end < len(todo)
+            and 2 * (end - start + 1) <= batch_size
+            and 2 * (end - start + 1) * max(len(pairs[todo[end]][0]), len(pairs[todo[end]][1])) <= max_batch_tokens
+        ):
+            end += 1
+        chunk = todo[start:end]
+        prefix_ids, prefix_mask = _pad_left([pairs[i][0][: shared[i]] for i in chunk], pad_id)
+        cache = DynamicCache(config=model.config)
+        _run_to(
+            model, layer, input_ids=prefix_ids.to(device), attention_mask=prefix_mask.to(device),
+            position_ids=(prefix_mask.cumsum(-1) - 1).clamp_min(0).to(device), past_key_values=cache, use_cache=True,
+        )  # fmt: skip
+        cache.batch_repeat_interleave(2)
+        suffixes = [pairs[i][k][shared[i] :] for i in chunk for k in (0, 1)]
+        width = max(len(s) for s in suffixes)
+        ids = torch.full((len(suffixes), width), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, s in enumerate(suffixes):  # right-padded: causal attention never lets a real token see the pads
+            ids[r, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
+            mask[r, : len(s)] = 1
+        starts = torch.tensor([shared[i] for i in chunk]).repeat_interleave(2)
+        hidden = _run_to(
+            model,
+            layer,
+            input_ids=ids.to(device),
+            attention_mask=torch.cat([prefix_mask.repeat_interleave(2, 0), mask], dim=-1).to(device),
+            position_ids=(starts[:, None] + torch.arange(width)[None]).to(device),
+            past_key_values=cache,
+            use_cache=True,
+        )
+        for j, i in enumerate(chunk):
+            w = hidden[2 * j, pos[i][0] - shared[i]].float().cpu()
+            o = hidden[2 * j + 1, pos[i][1] - shared[i]].float().cpu()
+            results[i] = (w, o)
+        tokens += sum(shared[i] for i in chunk) + sum(len(s) for s in suffixes)
+        start = end
+    if results:
+        h_with = torch.stack([results[i][0] for i in range(len(pairs))])
+        h_without = torch.stack([results[i][1] for i in range(len(pairs))])
+    return h_with, h_without, tokens
 
 
 @torch.inference_mode()
@@ -187,6 +306,7 @@ __all__ = [
     "differences",
     "encode",
     "mean_by_group",
+    "paired_readouts",
     "pool",
     "project",
     "readout_residuals",

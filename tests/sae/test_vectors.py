@@ -5,7 +5,16 @@ import torch
 
 from sae.hooks import capture, steer
 from sae.model import SAEConfig, SparseAutoencoder
-from sae.vectors import derive, differences, mean_by_group, pool, project, readout_residuals, sparsify
+from sae.vectors import (
+    derive,
+    differences,
+    mean_by_group,
+    paired_readouts,
+    pool,
+    project,
+    readout_residuals,
+    sparsify,
+)
 from tests.conftest import tiny_model
 
 
@@ -27,6 +36,25 @@ def test_readout_residuals_equal_one_unpadded_forward_per_sequence(tiny_llama) -
         with capture(tiny_llama, [2]) as acts:
             tiny_llama(torch.tensor([s]))
         torch.testing.assert_close(got[i], acts[2][0, p], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_paired_readouts_share_prefixes_and_equal_separate_readouts(family: str) -> None:
+    model = tiny_model(family)
+    g = torch.Generator().manual_seed(5)
+    pairs, positions = [], []
+    for n_prefix, n_with, n_without in ((6, 4, 1), (11, 2, 3), (3, 7, 2), (9, 1, 1), (0, 3, 4)):
+        prefix = torch.randint(3, 256, (n_prefix,), generator=g).tolist()
+        with_ = prefix + torch.randint(3, 128, (n_with,), generator=g).tolist()
+        without = prefix + torch.randint(128, 256, (n_without,), generator=g).tolist()  # differs from the first token
+        pairs.append((with_, without))
+        positions.append((-1, len(without) - 1 if n_prefix != 9 else 2))  # one readout inside the shared prefix
+    h_with, h_without, tokens = paired_readouts(model, 1, pairs, positions, batch_size=4)
+    seqs = [s for pair in pairs for s in pair]
+    flat = readout_residuals(model, 1, seqs, [p for pos in positions for p in pos])
+    torch.testing.assert_close(h_with, flat[0::2], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(h_without, flat[1::2], atol=1e-4, rtol=1e-4)
+    assert tokens < sum(len(s) for s in seqs)  # the shared prefixes ran once
 
 
 def test_readout_residuals_reject_a_position_outside_the_sequence(tiny_llama) -> None:
