@@ -28,8 +28,8 @@ def per_sample(model, tokenizer, sae, layer: int, pairs) -> tuple[dict[str, torc
     rows_with, rows_without, tokens = [], [], 0
     with torch.inference_mode():
         for pair in pairs:
-            for text, rows in ((pair.with_feedback, rows_with), (pair.without, rows_without)):
-                ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+            for prompt, rows in ((pair.with_feedback, rows_with), (pair.without, rows_without)):
+                ids = torch.tensor([prompt.token_ids(tokenizer)])
                 tokens += ids.shape[1]
                 with capture(model, [layer]) as acts:
                     model(ids)

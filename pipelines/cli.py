@@ -50,10 +50,12 @@ def vectors(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     from pipelines.vectors import VectorConfig, run_vectors
     from sae.lm import ModelNotFoundError
     from sae.model import SAEFormatError
+    from sae.vectorset import VectorSetError
 
+    errors = (ConfigError, DataError, PromptError, RegistryError, ModelNotFoundError, SAEFormatError, VectorSetError)
     try:
         run_vectors(VectorConfig.load(config, set_ or []))
-    except (ConfigError, DataError, PromptError, RegistryError, ModelNotFoundError, SAEFormatError) as err:
+    except errors as err:
         _fail(str(err))
 
 
@@ -69,6 +71,7 @@ def explain(
     max_tokens: Annotated[int, typer.Option(help="tokens to scan")] = 20_000,
     out: Annotated[Path | None, typer.Option(help="also write a Markdown report here")] = None,
     ray_address: Annotated[str | None, typer.Option(help="Ray cluster of the registry (for registry keys)")] = None,
+    relative: Annotated[bool, typer.Option(help="explain v_p minus the set's mean: what sets p apart")] = False,
 ) -> None:
     """Show a steering vector's top SAE features and the corpus contexts that activate them."""
     from pipelines.explain import explain_command
@@ -81,7 +84,7 @@ def explain(
     try:
         explain_command(
             vectors, perspectives=perspective or [], store=store, corpus=corpus, sae_dir=sae, top=top,
-            contexts=contexts, max_tokens=max_tokens, out=out, ray_address=ray_address,
+            contexts=contexts, max_tokens=max_tokens, out=out, ray_address=ray_address, relative=relative,
         )  # fmt: skip
     except (DataError, RegistryError, StoreError, SAEFormatError, VectorSetError, ValueError) as err:
         _fail(str(err))

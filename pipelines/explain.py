@@ -216,7 +216,7 @@ def render(explanation: Explanation, console: Any = None) -> None:
     for f in explanation.features:
         lines = [
             f"[dim]{c.activation:5.1f}[/] {escape(_one_line(c.before)[-60:])}"
-            f"[bold reverse]{escape(_one_line(c.token))}[/]{escape(_one_line(c.after))}"
+            f"[bold reverse]⟦{escape(_one_line(c.token))}⟧[/]{escape(_one_line(c.after))}"
             for c in f.contexts[:3]
         ]
         table.add_row(
@@ -262,15 +262,26 @@ def run_explain(
     k: int = 10,
     contexts: int = 5,
     max_tokens: int = 20_000,
+    relative: bool = False,
 ) -> list[Explanation]:
     """Explain ``perspectives`` (default: all) of a vector set: one scan (store or corpus) for the union of
-    their top features. Needs ``model`` for a corpus scan and for the logit lens."""
+    their top features. ``relative``: explain what sets each perspective apart, ``v_p`` minus the
+    sample-weighted mean of the set's vectors. Needs ``model`` for a corpus scan and for the logit lens."""
     from pipelines.corpus import iter_documents
+    from sae.vectors import pool
 
     if vector_set.meta.mode == "caa":
         raise ValueError("a caa vector set lives in the residual stream, not in SAE features: nothing to explain")
     names = list(perspectives) or vector_set.perspectives
-    chosen = {p: [f for f, _ in top_features(vector_set[p], k)] for p in names}
+    unknown = [p for p in names if p not in vector_set.vectors]
+    if unknown:
+        raise ValueError(f"no perspective {unknown} in this set; it has {vector_set.perspectives}")
+    vectors = {p: vector_set[p] for p in names}
+    if relative:
+        counts = {p: vector_set.meta.n_samples.get(p, 1) for p in vector_set.perspectives}
+        mean = pool(vector_set.vectors, counts)
+        vectors = {p: v - mean for p, v in vectors.items()}
+    chosen = {p: [f for f, _ in top_features(vectors[p], k)] for p in names}
     union = sorted({f for fs in chosen.values() for f in fs})
     layer = vector_set.meta.layer
     if store is not None:
@@ -284,9 +295,18 @@ def run_explain(
         source = f"the corpus {corpus}"
     else:
         raise ValueError("give an activation store or a corpus directory to find contexts in")
+    label = "{} (relative to the mean of the set)" if relative else "{}"
     return [
         explain_vector(
-            vector_set[p], p, sae, tokenizer, features=chosen[p], top=top, table=table, source=source, model=model
+            vectors[p],
+            label.format(p),
+            sae,
+            tokenizer,
+            features=chosen[p],
+            top=top,
+            table=table,
+            source=source,
+            model=model,
         )
         for p in names
     ]
@@ -304,6 +324,7 @@ def explain_command(
     max_tokens: int = 20_000,
     out: Path | None = None,
     ray_address: str | None = None,
+    relative: bool = False,
     console: Any = None,
 ) -> list[Explanation]:
     """``pluristeer explain``: load the set (file or registry key), its SAE and model, scan, print, write."""
@@ -338,7 +359,7 @@ def explain_command(
             raise ValueError(f"the store {store} holds activations of {made_with!r}, the set is for {meta.model!r}")
     explanations = run_explain(
         vector_set, sae, tokenizer, perspectives=perspectives, store=store, corpus=corpus, model=model,
-        k=top, contexts=contexts, max_tokens=max_tokens,
+        k=top, contexts=contexts, max_tokens=max_tokens, relative=relative,
     )  # fmt: skip
     for e in explanations:
         render(e, console)
@@ -362,6 +383,7 @@ __all__ = [
     "FeatureReport",
     "TokenTable",
     "TopActivations",
+    "explain_command",
     "explain_vector",
     "logit_lens",
     "model_id",

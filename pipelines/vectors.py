@@ -23,7 +23,7 @@ import torch
 
 from pipelines.config import StageConfig, check
 from pipelines.datasets import LOADERS, load_records
-from pipelines.prompts import build_prompt, encode_prompts, feedback_text
+from pipelines.prompts import Prompt, build_prompt, encode_prompts, feedback_text
 from pipelines.records import DataError, PerspectiveRecord
 from sae.vectors import differences, mean_by_group, paired_readouts, pool, readout_residuals, sparsify
 
@@ -59,6 +59,7 @@ class VectorConfig(StageConfig):
     ray_address: str | None = None
     workers: int = 0  # > 0: split the perspectives across this many Ray tasks
     worker_cpus: float = 1.0
+    worker_gpus: float = 0.0  # per Ray task (set with device=auto or cuda on a GPU cluster)
     track: bool = True  # W&B run (offline unless WANDB_API_KEY)
 
     def validate(self) -> None:
@@ -69,8 +70,10 @@ class VectorConfig(StageConfig):
         check(self.topk >= 0, "topk: must be >= 0 (0: dense)")
         check(self.batch_size >= 1, "batch_size: must be >= 1")
         check(self.max_length >= 8, "max_length: must be >= 8")
+        check(self.split in ("train", "valid", "test", "all"), f"split: train, valid, test or all, not {self.split!r}")
         check(self.workers >= 0, "workers: must be >= 0")
         check(self.worker_cpus > 0, "worker_cpus: must be > 0")
+        check(self.worker_gpus >= 0, "worker_gpus: must be >= 0")
 
     @property
     def task_name(self) -> str:
@@ -88,10 +91,9 @@ class VectorConfig(StageConfig):
 class FeedbackPair:
     perspective: str
     record_id: str
-    with_feedback: str  # prompt texts (chat template applied)
-    without: str
+    with_feedback: Prompt
+    without: Prompt
     source: str  # "rationale" or "answer"
-    templated: bool = True
 
 
 def select_samples(cfg: VectorConfig, records: list[PerspectiveRecord]) -> dict[str, list[PerspectiveRecord]]:
@@ -132,14 +134,8 @@ def feedback_pairs(
             text, source = feedback_text(cfg.task_name, r, cfg.feedback)  # type: ignore[misc]
             with_fb = build_prompt(tokenizer, cfg.task_name, r, "with-feedback", feedback=text, readout=cfg.readout)
             without = build_prompt(tokenizer, cfg.task_name, r, "zero-shot", readout=cfg.readout)
-            pairs.append(FeedbackPair(p, r.id, with_fb.text, without.text, source, with_fb.templated))
+            pairs.append(FeedbackPair(p, r.id, with_fb, without, source))
     return pairs
-
-
-def _prompt(text: str, readout: str, templated: bool):
-    from pipelines.prompts import Prompt
-
-    return Prompt(text, "", "", (), readout, templated)
 
 
 @dataclass
@@ -154,9 +150,8 @@ class Readouts:
 def derive_fine(cfg: VectorConfig, model: Any, tokenizer: Any, sae: Any, layer: int, pairs: list[FeedbackPair]):
     """Fine vectors for ``pairs`` in length-sorted batches: with ``share_prefix``, each distinct pair runs its
     shared prefix once (:func:`sae.vectors.paired_readouts`); otherwise each distinct prompt runs once."""
-    templated = {t: pair.templated for pair in pairs for t in (pair.with_feedback, pair.without)}
-    texts = list(templated)  # distinct prompts, first-seen order
-    ids, positions = encode_prompts(tokenizer, [_prompt(t, cfg.readout, templated[t]) for t in texts])
+    texts = list(dict.fromkeys(t for pair in pairs for t in (pair.with_feedback, pair.without)))  # distinct prompts
+    ids, positions = encode_prompts(tokenizer, texts)
     row = {t: i for i, t in enumerate(texts)}
     kept = [p for p in pairs if max(len(ids[row[p.with_feedback]]), len(ids[row[p.without]])) <= cfg.max_length]
     if not kept:
@@ -240,7 +235,7 @@ def derive_parallel(cfg: VectorConfig, layer: int, pairs: list[FeedbackPair]) ->
     chunks: list[list[FeedbackPair]] = [[] for _ in range(min(cfg.workers, len(by_persp)))]
     for _, group in sorted(by_persp.items(), key=lambda kv: -len(kv[1])):
         min(chunks, key=len).extend(group)
-    task = ray.remote(_remote_fine).options(num_cpus=cfg.worker_cpus)
+    task = ray.remote(_remote_fine).options(num_cpus=cfg.worker_cpus, num_gpus=cfg.worker_gpus)
     results = ray.get([task.remote(cfg.to_dict(), layer, chunk) for chunk in chunks if chunk])
     fine: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
