@@ -58,6 +58,11 @@ def test_explain_finds_each_features_strongest_store_contexts(embedded, embedded
     md = to_markdown([e], "report")
     assert f"### feature {busy[0]} (weight +2.000)" in md and md.count("**⟦") == 12
 
+    two = VectorSet({"p": vs["p"], "q": torch.zeros(sae.d_sae)}, vs.meta)
+    two.meta.n_samples = {"p": 1, "q": 3}
+    (rel,) = run_explain(two, sae, tok, perspectives=["p"], store=embedded_sae.store, k=3, relative=True)
+    assert rel.features[0].weight == 2.0 * 3 / 4  # v_p minus the sample-weighted mean (v_p / 4)
+
 
 def test_explain_command_prints_and_writes_a_report(tmp_path: Path, embedded, embedded_sae) -> None:
     model, _ = embedded
