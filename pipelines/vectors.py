@@ -3,10 +3,12 @@ published to the vector registry (DESIGN §1 steps 1-2, §2).
 
 Per perspective, up to ``samples`` training records are drawn (seeded; records with a rationale first when
 ``feedback`` is ``auto``) and each gives a pair of prompts (:mod:`pipelines.prompts`): with and without the
-perspective's feedback. Every prompt of every perspective is tokenized, de-duplicated and read out at
-``layer`` in length-sorted batches (:func:`sae.vectors.readout_residuals`), so a task costs a few forward
-passes, not one per sample. With ``workers > 0`` the perspectives are split across that many Ray tasks
-(for many perspectives on a cluster); the coarse vector is pooled from the fine ones on the driver.
+perspective's feedback. Every pair of every perspective is tokenized, de-duplicated and read out at
+``layer`` in length-sorted batches that stop after ``layer``; the token prefix a pair's two prompts share
+runs once into a KV cache and only the two suffixes run on top (``share_prefix``,
+:func:`sae.vectors.paired_readouts`). So a task costs a few forward passes, not one per sample. With
+``workers > 0`` the perspectives are split across that many Ray tasks (for many perspectives on a cluster);
+the coarse vector is pooled from the fine ones on the driver.
 """
 
 from __future__ import annotations

@@ -8,7 +8,9 @@ the no-SAE baseline: ``v_p`` lives in the residual stream, ``[d_model]``). ``res
 
 *Fine* vectors are one per perspective; the *coarse* vector pools every pair of the task, which is the
 sample-weighted mean of the fine vectors (:func:`pool`). All of it is batched: the readouts of every
-prompt of every perspective run in length-sorted batches through :func:`sae.hooks.residuals`.
+prompt of every perspective run in length-sorted batches that stop after the readout layer
+(:func:`readout_residuals`), and :func:`paired_readouts` runs the prefix a (with, without) pair shares
+only once, through a KV cache.
 """
 
 from __future__ import annotations
