@@ -8,8 +8,9 @@ the terminal and a Markdown report.
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,16 +119,17 @@ def scan_texts(
     max_tokens: int,
     n: int,
     context_size: int = 128,
+    per_document: int = 256,
     batch_size: int = 16,
     outlier: float = 10.0,
 ):
     """Top activations of ``features`` over about ``max_tokens`` tokens of ``texts`` (read at ``layer``; position
-    0 and norm outliers dropped, as collection does)."""
+    0 and norm outliers dropped, as collection does), at most ``per_document`` tokens from each text."""
     from sae.hooks import residuals
 
     contexts: list[list[int]] = []
     for text in texts:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][:per_document]
         contexts += [ids[i : i + context_size] for i in range(0, max(len(ids) - 8, 1), context_size)]
         if sum(len(c) for c in contexts) >= max_tokens:
             break
@@ -153,6 +155,22 @@ def scan_texts(
         cols["position"].append(c.numpy())
     table = TokenTable.from_columns(*(np.concatenate(v) if v else np.zeros(0, dtype=np.int64) for v in cols.values()))
     return top, table
+
+
+_SOURCE_DIRS = {"wikitext2": "wikitext2_raw", "enwiki": "enwiki_wikiextractor_sample", "ag_news": "ag_news_test"}
+# (the folders pipelines.corpus.iter_documents reads for each source)
+
+
+def mixed_documents(corpus: str | Path) -> Iterator[str]:
+    """The corpus's documents, alternating between its sources (so a short scan sees all of them)."""
+    from pipelines.corpus import iter_documents
+
+    present = [s for s, folder in _SOURCE_DIRS.items() if (Path(corpus) / folder).is_dir()]
+    if not present:  # a plain folder of .txt files
+        yield from iter_documents(corpus)
+        return
+    for docs in itertools.zip_longest(*(iter_documents(corpus, [s]) for s in present)):
+        yield from (d for d in docs if d is not None)
 
 
 def _context(tokenizer: Any, table: TokenTable, row: int, before: int, after: int) -> tuple[str, str, str]:
@@ -267,7 +285,6 @@ def run_explain(
     """Explain ``perspectives`` (default: all) of a vector set: one scan (store or corpus) for the union of
     their top features. ``relative``: explain what sets each perspective apart, ``v_p`` minus the
     sample-weighted mean of the set's vectors. Needs ``model`` for a corpus scan and for the logit lens."""
-    from pipelines.corpus import iter_documents
     from sae.vectors import pool
 
     if vector_set.meta.mode == "caa":
@@ -290,7 +307,7 @@ def run_explain(
     elif corpus is not None:
         if model is None:
             raise ValueError("a corpus scan needs the model")
-        texts = iter_documents(corpus)
+        texts = mixed_documents(corpus)
         top, table = scan_texts(model, tokenizer, sae, layer, texts, union, max_tokens=max_tokens, n=contexts)
         source = f"the corpus {corpus}"
     else:

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipelines.explain import TopActivations, run_explain, to_markdown, top_features
+from pipelines.explain import TopActivations, mixed_documents, run_explain, scan_texts, to_markdown, top_features
 from pipelines.store import ActivationStore
+from sae.hooks import residuals
 from sae.lm import model_name
 from sae.vectors import encode
 from sae.vectorset import VectorSet, VectorSetMeta, sae_fingerprint
@@ -79,3 +80,18 @@ def test_explain_command_prints_and_writes_a_report(tmp_path: Path, embedded, em
         capture_output=True, text=True, env=env, cwd=REPO, timeout=300,
     )  # fmt: skip
     assert bad.returncode == 2 and "not an SAE directory" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_corpus_scan_reads_each_texts_tokens_after_position_0(embedded, embedded_sae, tmp_path: Path) -> None:
+    model, tok = embedded
+    sae = embedded_sae.sae
+    texts = ["The river flows into the sea near the old harbour town.", "Stock markets fell sharply on Monday."]
+    feats = list(range(sae.d_sae))
+    top, table = scan_texts(model, tok, sae, 15, texts, feats, max_tokens=1000, n=1)
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    assert top.seen == sum(len(i) - 1 for i in ids) and 0 not in table.position.tolist()
+    h = torch.cat([residuals(model, [15], torch.tensor([i]))[15][0, 1:] for i in ids])  # one text at a time
+    torch.testing.assert_close(top.values[0], encode(sae, h).max(0).values, atol=1e-3, rtol=1e-4)
+
+    (tmp_path / "a.txt").write_text("first doc\n\nsecond doc")
+    assert list(mixed_documents(tmp_path)) == ["first doc", "second doc"]
