@@ -27,6 +27,7 @@ step with a KV cache (the fused path), combining them with :func:`combine` at ea
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -130,6 +131,14 @@ def combine(steered: torch.Tensor, base: torch.Tensor | None, decoding: Decoding
 
 
 # -- offline generation: the fused path --------------------------------------------------------------
+def last_logits(model: nn.Module, **inputs: Any) -> Any:
+    """``model(**inputs)``, computing the LM head for the last position only where the model supports it
+    (``logits_to_keep``: the head over every prompt position would cost as much as a quarter of the model)."""
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        inputs["logits_to_keep"] = 1
+    return model(**inputs)
+
+
 @dataclass
 class PluralOutput:
     tokens: list[list[int]]  # generated ids per prompt (up to and including EOS)
@@ -213,8 +222,13 @@ def plural_generate(
         from_position=from_position,
     ):
         for _ in range(max_new_tokens):
-            out = model(
-                input_ids=step_ids, attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True
+            out = last_logits(
+                model,
+                input_ids=step_ids,
+                attention_mask=mask,
+                position_ids=position,
+                past_key_values=cache,
+                use_cache=True,
             )
             cache = out.past_key_values
             logits = out.logits[:, -1].float().view(batch, per_prompt, -1)
@@ -269,7 +283,8 @@ def plural_next_token(
     with vector_set.steer(
         model, rows, sae=sae, coeff=coeff, mode=steer_mode, keep_error=keep_error, from_position=from_position
     ):
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=False).logits[:, -1]
+        logits = last_logits(model, input_ids=ids, attention_mask=mask, position_ids=position, use_cache=False)
+        logits = logits.logits[:, -1]
     logits = logits.float().view(input_ids.shape[0], per_prompt, -1)
     return combine(logits[:, :k].transpose(0, 1), logits[:, k] if per_prompt > k else None, decoding)
 
@@ -280,6 +295,7 @@ __all__ = [
     "PluralOutput",
     "combine",
     "dvd_weights",
+    "last_logits",
     "plural_generate",
     "plural_next_token",
     "topk_entropy",

@@ -14,7 +14,7 @@ from pipelines.vectors import VectorConfig, derive_fine, feedback_pairs, select_
 from sae.lm import model_name
 from sae.vectors import pool
 from sae.vectorset import VectorSet, VectorSetMeta, sae_fingerprint
-from serve.decoding import Decoding, plural_next_token
+from serve.decoding import Decoding, last_logits, plural_next_token
 
 ANNOTATORS = 3
 SAMPLES = 20
@@ -62,10 +62,10 @@ def _label_probs(model, tok, texts, vector_set=None, perspective=None, sae=None,
     batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     with torch.inference_mode():
         if vector_set is None:
-            logits = model(**batch).logits[:, -1]
+            logits = last_logits(model, **batch).logits[:, -1]
         else:
             with vector_set.steer(model, perspective, sae=sae, coeff=coeff):
-                logits = model(**batch).logits[:, -1]
+                logits = last_logits(model, **batch).logits[:, -1]
     return option_probs(logits, ids)[0]
 
 
@@ -95,7 +95,7 @@ def test_zero_vectors_in_every_mode_leave_the_embedded_model_unchanged(embedded,
     records = load_records("mislc", "test", data_root)[:2]
     batch = tok([build_prompt(tok, "mislc", r).text for r in records], return_tensors="pt", padding=True)
     with torch.inference_mode():
-        base = model(**batch).logits[:, -1].float()
+        base = last_logits(model, **batch).logits[:, -1].float()
     for mode, dim in (("sae", embedded_sae.sae.d_sae), ("residual", embedded_sae.sae.d_sae), ("caa", 576)):
         meta = VectorSetMeta(
             model=model_name(model), layer=15, mode=mode, granularity="fine", task="mislc",
@@ -104,7 +104,7 @@ def test_zero_vectors_in_every_mode_leave_the_embedded_model_unchanged(embedded,
         )  # fmt: skip
         zero = VectorSet({"a": torch.zeros(dim), "b": torch.zeros(dim)}, meta)
         with torch.inference_mode(), zero.steer(model, ["a", "b"], sae=embedded_sae.sae, coeff=8.0):
-            steered = model(**batch).logits[:, -1].float()
+            steered = last_logits(model, **batch).logits[:, -1].float()
         torch.testing.assert_close(steered, base, atol=2e-3, rtol=1e-4)
         if mode != "sae":
             continue

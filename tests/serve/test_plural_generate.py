@@ -6,7 +6,7 @@ import torch
 
 from sae.lm import model_name
 from sae.vectorset import VectorSet, VectorSetMeta, sae_fingerprint
-from serve.decoding import Decoding, combine, plural_generate, plural_next_token
+from serve.decoding import Decoding, combine, last_logits, plural_generate, plural_next_token
 
 PROMPTS = ["Write one sentence about the sea.", "Name a famous painter and say why."]
 
@@ -45,7 +45,7 @@ def test_k_identical_vectors_equal_single_steered_generation(embedded, embedded_
             **batch, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True
         )
     with torch.inference_mode():
-        unsteered = model(**batch).logits[:, -1].float().log_softmax(-1)
+        unsteered = last_logits(model, **batch).logits[:, -1].float().log_softmax(-1)
     width = batch["input_ids"].shape[1]
     for i, tokens in enumerate(out.tokens):
         want = ref.sequences[i, width:].tolist()
@@ -63,11 +63,11 @@ def test_fused_batch_equals_separate_forwards_per_perspective(embedded, embedded
     decoding = Decoding("dvd", alpha=0.2, tau=0.4, top_k=20)
     fused = plural_next_token(model, batch["input_ids"], batch["attention_mask"], vs, ["x", "y", "z"], decoding, sae)
     with torch.inference_mode():
-        base = model(**batch).logits[:, -1]
+        base = last_logits(model, **batch).logits[:, -1]
         steered = []
         for p in ("x", "y", "z"):
             with vs.steer(model, p, sae=sae):
-                steered.append(model(**batch).logits[:, -1])
+                steered.append(last_logits(model, **batch).logits[:, -1])
     torch.testing.assert_close(fused, combine(torch.stack(steered), base, decoding), atol=2e-3, rtol=1e-4)
     assert (fused - base.log_softmax(-1)).abs().max() > 0.1
     # dvd with α = 0 and K identical vectors is the single steered model, too
