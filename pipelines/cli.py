@@ -83,7 +83,51 @@ def train(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 @app.command()
 def vectors(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Derive per-perspective steering vectors from ≤50 samples and publish them."""
-    _not_built("vectors", 6)
+    from pipelines.config import ConfigError
+    from pipelines.prompts import PromptError
+    from pipelines.records import DataError
+    from pipelines.registry import RegistryError
+    from pipelines.vectors import VectorConfig, run_vectors
+    from sae.lm import ModelNotFoundError
+    from sae.model import SAEFormatError
+    from sae.vectorset import VectorSetError
+
+    errors = (ConfigError, DataError, PromptError, RegistryError, ModelNotFoundError, SAEFormatError, VectorSetError)
+    try:
+        run_vectors(VectorConfig.load(config, set_ or []))
+    except errors as err:
+        _fail(str(err))
+
+
+@app.command()
+def explain(
+    vectors: Annotated[str, typer.Argument(help="a VectorSet file, or a registry key name[@version]")],
+    perspective: Annotated[list[str] | None, typer.Option("--perspective", "-p", help="default: all")] = None,
+    store: Annotated[Path | None, typer.Option(help="activation store to find contexts in")] = None,
+    corpus: Annotated[Path | None, typer.Option(help="corpus to scan instead (default: <data dir>/corpus)")] = None,
+    sae: Annotated[Path | None, typer.Option(help="SAE directory (default: the one the set records)")] = None,
+    top: Annotated[int, typer.Option(help="features per perspective")] = 10,
+    contexts: Annotated[int, typer.Option(help="contexts per feature")] = 5,
+    max_tokens: Annotated[int, typer.Option(help="tokens to scan")] = 20_000,
+    out: Annotated[Path | None, typer.Option(help="also write a Markdown report here")] = None,
+    ray_address: Annotated[str | None, typer.Option(help="Ray cluster of the registry (for registry keys)")] = None,
+    relative: Annotated[bool, typer.Option(help="explain v_p minus the set's mean: what sets p apart")] = False,
+) -> None:
+    """Show a steering vector's top SAE features and the corpus contexts that activate them."""
+    from pipelines.explain import explain_command
+    from pipelines.records import DataError
+    from pipelines.registry import RegistryError
+    from pipelines.store import StoreError
+    from sae.model import SAEFormatError
+    from sae.vectorset import VectorSetError
+
+    try:
+        explain_command(
+            vectors, perspectives=perspective or [], store=store, corpus=corpus, sae_dir=sae, top=top,
+            contexts=contexts, max_tokens=max_tokens, out=out, ray_address=ray_address, relative=relative,
+        )  # fmt: skip
+    except (DataError, RegistryError, StoreError, SAEFormatError, VectorSetError, ValueError) as err:
+        _fail(str(err))
 
 
 @app.command()

@@ -177,3 +177,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def embedded_sae(embedded, data_root):
+    """TEST FIXTURE SAE (see tests/sae_fixture.py, not the product trainer): TopK 8x k=32 at layer 15 of the
+    embedded model, fitted on ~8k corpus tokens and cached; ``PLURISTEER_TEST_SAE`` swaps in a real one."""
+    from tests.sae_fixture import fixture_sae
+
+    model, tokenizer = embedded
+    return fixture_sae(model, tokenizer, data_root / "corpus")

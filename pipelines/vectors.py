@@ -1,0 +1,384 @@
+"""``pluristeer vectors``: feedback pairs -> readout activations -> per-perspective vectors -> VectorSet files,
+published to the vector registry (DESIGN §1 steps 1-2, §2).
+
+Per perspective, up to ``samples`` training records are drawn (seeded; records with a rationale first when
+``feedback`` is ``auto``) and each gives a pair of prompts (:mod:`pipelines.prompts`): with and without the
+perspective's feedback. Every pair of every perspective is tokenized, de-duplicated and read out at
+``layer`` in length-sorted batches that stop after ``layer``; the token prefix a pair's two prompts share
+runs once into a KV cache and only the two suffixes run on top (``share_prefix``,
+:func:`sae.vectors.paired_readouts`). So a task costs a few forward passes, not one per sample. With
+``workers > 0`` the perspectives are split across that many Ray tasks (for many perspectives on a cluster);
+the coarse vector is pooled from the fine ones on the driver.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from pipelines.config import StageConfig, check
+from pipelines.datasets import LOADERS, load_records
+from pipelines.prompts import Prompt, build_prompt, encode_prompts, feedback_text
+from pipelines.records import DataError, PerspectiveRecord
+from sae.vectors import differences, mean_by_group, paired_readouts, pool, readout_residuals, sparsify
+
+
+@dataclass
+class VectorConfig(StageConfig):
+    """Settings of ``pluristeer vectors`` (YAML + ``--set field=value``)."""
+
+    sae: Path | None = None  # SAE directory (sae-lens layout); not needed for mode caa
+    model: str = "embedded"
+    layer: int | None = None  # default: the SAE's hook_layer
+    data: str = "mislc"  # a loader name (globalopinionqa, crehate, mislc, crowd_truthfulness) or a .jsonl file
+    task: str | None = None  # prompt template; default: the data set's name (any other: a generic letter prompt)
+    split: str = "train"
+    perspectives: list[str] = field(default_factory=list)  # default: the max_perspectives with most samples
+    max_perspectives: int = 5  # 0: all
+    samples: int = 50  # per perspective (at most)
+    feedback: Literal["auto", "rationale", "answer"] = "auto"
+    readout: Literal["last", "after_colon"] = "last"
+    mode: Literal["sae", "residual", "caa"] = "sae"
+    granularity: Literal["fine", "coarse", "both"] = "both"
+    topk: int = 0  # keep the topk largest-magnitude entries of each vector (0: dense)
+    batch_size: int = 32
+    share_prefix: bool = True  # run the prefix a pair's two prompts share once (KV cache), then both suffixes
+    max_length: int = 1024  # pairs with a longer prompt (tokens) are skipped
+    dtype: str = "float32"
+    device: str = "auto"
+    seed: int = 42
+    out: Path = Path("runs/vectors")
+    name: str | None = None  # registry name prefix; default "{task}-{mode}"
+    publish: bool = True
+    registry_dir: Path | None = None  # default: the running registry's, else $PLURISTEER_CACHE/registry
+    ray_address: str | None = None
+    workers: int = 0  # > 0: split the perspectives across this many Ray tasks
+    worker_cpus: float = 1.0
+    worker_gpus: float = 0.0  # per Ray task (set with device=auto or cuda on a GPU cluster)
+    track: bool = True  # W&B run (offline unless WANDB_API_KEY)
+
+    def validate(self) -> None:
+        check(self.mode == "caa" or self.sae is not None, "sae: an SAE directory is required unless mode is 'caa'")
+        check(self.data in LOADERS or self.data.endswith(".jsonl"), f"data: a loader {sorted(LOADERS)} or a .jsonl")
+        check(self.samples >= 1, "samples: must be >= 1")
+        check(self.max_perspectives >= 0, "max_perspectives: must be >= 0 (0: all)")
+        check(self.topk >= 0, "topk: must be >= 0 (0: dense)")
+        check(self.batch_size >= 1, "batch_size: must be >= 1")
+        check(self.max_length >= 8, "max_length: must be >= 8")
+        check(self.split in ("train", "valid", "test", "all"), f"split: train, valid, test or all, not {self.split!r}")
+        check(self.workers >= 0, "workers: must be >= 0")
+        check(self.worker_cpus > 0, "worker_cpus: must be > 0")
+        check(self.worker_gpus >= 0, "worker_gpus: must be >= 0")
+
+    @property
+    def task_name(self) -> str:
+        return self.task or (Path(self.data).stem if self.data.endswith(".jsonl") else self.data)
+
+    @property
+    def granularities(self) -> list[str]:
+        return ["fine", "coarse"] if self.granularity == "both" else [self.granularity]
+
+    def set_name(self, granularity: str) -> str:
+        return f"{self.name or f'{self.task_name}-{self.mode}'}-{granularity}"
+
+
+@dataclass(frozen=True)
+class FeedbackPair:
+    perspective: str
+    record_id: str
+    with_feedback: Prompt
+    without: Prompt
+    source: str  # "rationale" or "answer"
+
+
+def select_samples(cfg: VectorConfig, records: list[PerspectiveRecord]) -> dict[str, list[PerspectiveRecord]]:
+    """Up to ``cfg.samples`` usable records per chosen perspective (seeded; rationales first for ``auto``)."""
+    usable: dict[str, list[PerspectiveRecord]] = defaultdict(list)
+    for r in records:
+        if feedback_text(cfg.task_name, r, cfg.feedback) is not None:
+            usable[r.perspective].append(r)
+    if cfg.perspectives:
+        unknown = [p for p in cfg.perspectives if p not in usable]
+        if unknown:
+            known = ", ".join(sorted(usable)) or "none"
+            raise DataError(f"perspectives {unknown} have no usable {cfg.split} records in {cfg.data} (have: {known})")
+        chosen = list(cfg.perspectives)
+    else:
+        chosen = sorted(usable, key=lambda p: (-len(usable[p]), p))
+        chosen = chosen[: cfg.max_perspectives] if cfg.max_perspectives else chosen
+    if not chosen:
+        raise DataError(f"no {cfg.split} records of {cfg.data} have feedback of kind {cfg.feedback!r}")
+    out: dict[str, list[PerspectiveRecord]] = {}
+    for p in chosen:
+        rng = random.Random(f"{cfg.seed}:{p}")
+        pool_ = sorted(usable[p], key=lambda r: r.id)
+        rng.shuffle(pool_)
+        if cfg.feedback == "auto":  # stable sort: records with a rationale first, each group still shuffled
+            pool_.sort(key=lambda r: feedback_text(cfg.task_name, r, "auto")[1] != "rationale")  # type: ignore[index]
+        out[p] = pool_[: cfg.samples]
+    return out
+
+
+def feedback_pairs(
+    cfg: VectorConfig, tokenizer: Any, samples: dict[str, list[PerspectiveRecord]]
+) -> list[FeedbackPair]:
+    """For each sample, the prompt with the perspective's feedback and the same prompt without it."""
+    pairs = []
+    for p, records in samples.items():
+        for r in records:
+            text, source = feedback_text(cfg.task_name, r, cfg.feedback)  # type: ignore[misc]
+            with_fb = build_prompt(tokenizer, cfg.task_name, r, "with-feedback", feedback=text, readout=cfg.readout)
+            without = build_prompt(tokenizer, cfg.task_name, r, "zero-shot", readout=cfg.readout)
+            pairs.append(FeedbackPair(p, r.id, with_fb, without, source))
+    return pairs
+
+
+@dataclass
+class Readouts:
+    fine: dict[str, torch.Tensor]  # unsparsified per-perspective mean differences
+    counts: dict[str, int]
+    tokens: int  # tokens run through the model (after de-duplication and prefix sharing)
+    prompts: int  # distinct prompts run
+    skipped: int  # pairs dropped for exceeding max_length
+
+
+def derive_fine(cfg: VectorConfig, model: Any, tokenizer: Any, sae: Any, layer: int, pairs: list[FeedbackPair]):
+    """Fine vectors for ``pairs`` in length-sorted batches: with ``share_prefix``, each distinct pair runs its
+    shared prefix once (:func:`sae.vectors.paired_readouts`); otherwise each distinct prompt runs once."""
+    texts = list(dict.fromkeys(t for pair in pairs for t in (pair.with_feedback, pair.without)))  # distinct prompts
+    ids, positions = encode_prompts(tokenizer, texts)
+    row = {t: i for i, t in enumerate(texts)}
+    kept = [p for p in pairs if max(len(ids[row[p.with_feedback]]), len(ids[row[p.without]])) <= cfg.max_length]
+    if not kept:
+        raise DataError(f"every feedback pair is longer than max_length={cfg.max_length} tokens")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if cfg.share_prefix:
+        distinct = list(dict.fromkeys((row[p.with_feedback], row[p.without]) for p in kept))
+        h_w, h_o, tokens = paired_readouts(
+            model, layer, [(ids[w], ids[o]) for w, o in distinct], [(positions[w], positions[o]) for w, o in distinct],
+            pad_id=pad_id, batch_size=cfg.batch_size,
+        )  # fmt: skip
+        at_pair = {pair: j for j, pair in enumerate(distinct)}
+        index = [at_pair[(row[p.with_feedback], row[p.without])] for p in kept]
+        diffs = differences(h_w[index], h_o[index], mode=cfg.mode, sae=sae)
+        fine, counts = mean_by_group(diffs, [p.perspective for p in kept])
+        prompts = len({i for pair in distinct for i in pair})
+        return Readouts(fine, counts, tokens, prompts, len(pairs) - len(kept))
+    used = sorted({row[t] for p in kept for t in (p.with_feedback, p.without)})
+    h = readout_residuals(
+        model,
+        layer,
+        [ids[i] for i in used],
+        [positions[i] for i in used],
+        pad_id=pad_id,
+        batch_size=cfg.batch_size,
+    )
+    at = {i: j for j, i in enumerate(used)}
+    h_with = h[[at[row[p.with_feedback]] for p in kept]]
+    h_without = h[[at[row[p.without]] for p in kept]]
+    fine, counts = mean_by_group(differences(h_with, h_without, mode=cfg.mode, sae=sae), [p.perspective for p in kept])
+    return Readouts(fine, counts, sum(len(ids[i]) for i in used), len(used), len(pairs) - len(kept))
+
+
+def _load_sae(cfg: VectorConfig, device: str):
+    from sae.model import SparseAutoencoder
+
+    if cfg.mode == "caa" and cfg.sae is None:
+        return None
+    assert cfg.sae is not None
+    return SparseAutoencoder.load(cfg.sae, device=device)
+
+
+def resolve_layer(cfg: VectorConfig, sae: Any) -> int:
+    """``cfg.layer``, else the SAE's ``hook_layer``; the two must agree when both are known."""
+    hook_layer = None if sae is None else sae.cfg.metadata.get("hook_layer")
+    if cfg.layer is not None and hook_layer is not None and int(hook_layer) != cfg.layer:
+        raise DataError(f"layer: {cfg.layer} was asked for, but the SAE at {cfg.sae} was trained on layer {hook_layer}")
+    layer = cfg.layer if cfg.layer is not None else hook_layer
+    if layer is None:
+        raise DataError("layer: not set and the SAE records no hook_layer; pass --set layer=N")
+    return int(layer)
+
+
+def _remote_fine(cfg_dict: dict[str, Any], layer: int, pairs: list[FeedbackPair]) -> dict[str, Any]:
+    """A Ray task's work: load the model (and SAE), read out ``pairs``; numpy out (no torch pickling)."""
+    from sae.lm import load_lm, resolve_device
+
+    cfg = VectorConfig.from_dict(cfg_dict)
+    device = str(resolve_device(cfg.device))
+    model, tokenizer = load_lm(cfg.model, dtype=cfg.dtype, device=device)
+    result = derive_fine(cfg, model, tokenizer, _load_sae(cfg, device), layer, pairs)
+    return {
+        "fine": {p: v.numpy() for p, v in result.fine.items()},
+        "counts": result.counts,
+        "tokens": result.tokens,
+        "prompts": result.prompts,
+        "skipped": result.skipped,
+    }
+
+
+def derive_parallel(cfg: VectorConfig, layer: int, pairs: list[FeedbackPair]) -> Readouts:
+    """Split the perspectives across ``cfg.workers`` Ray tasks (balanced by pair count); gather fine vectors."""
+    import ray
+
+    from pipelines.raycluster import init_ray
+
+    init_ray(cfg.ray_address)
+    by_persp: dict[str, list[FeedbackPair]] = defaultdict(list)
+    for p in pairs:
+        by_persp[p.perspective].append(p)
+    chunks: list[list[FeedbackPair]] = [[] for _ in range(min(cfg.workers, len(by_persp)))]
+    for _, group in sorted(by_persp.items(), key=lambda kv: -len(kv[1])):
+        min(chunks, key=len).extend(group)
+    task = ray.remote(_remote_fine).options(num_cpus=cfg.worker_cpus, num_gpus=cfg.worker_gpus)
+    results = ray.get([task.remote(cfg.to_dict(), layer, chunk) for chunk in chunks if chunk])
+    fine: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    for res in results:
+        fine.update({p: torch.from_numpy(np.array(v)) for p, v in res["fine"].items()})
+        counts.update(res["counts"])
+    order = [p for p in dict.fromkeys(pair.perspective for pair in pairs) if p in fine]
+    return Readouts(
+        {p: fine[p] for p in order},
+        {p: counts[p] for p in order},
+        sum(r["tokens"] for r in results),
+        sum(r["prompts"] for r in results),
+        sum(r["skipped"] for r in results),
+    )
+
+
+def vector_sets(cfg: VectorConfig, readouts: Readouts, *, model: str, layer: int, sae: Any, extra: dict[str, Any]):
+    """``{granularity: VectorSet}`` from fine readouts (coarse = sample-weighted pool; then top-k)."""
+    from sae.vectorset import VectorSet, VectorSetMeta, sae_file_hash, sae_fingerprint
+
+    out = {}
+    for granularity in cfg.granularities:
+        if granularity == "coarse":
+            pooled = pool(readouts.fine, readouts.counts)
+            vectors = {p: sparsify(pooled, cfg.topk) for p in readouts.fine}
+        else:
+            vectors = {p: sparsify(v, cfg.topk) for p, v in readouts.fine.items()}
+        meta = VectorSetMeta(
+            model=model,
+            layer=layer,
+            mode=cfg.mode,
+            granularity=granularity,
+            task=cfg.task_name,
+            n_samples=dict(readouts.counts),
+            readout=cfg.readout,
+            dim=next(iter(vectors.values())).shape[0],
+            sae_path=None if sae is None else str(Path(cfg.sae).resolve()),  # type: ignore[arg-type]
+            sae_sha256=None if sae is None else sae_file_hash(cfg.sae),  # type: ignore[arg-type]
+            sae_fingerprint=None if sae is None else sae_fingerprint(sae),
+            extra=extra,
+        )
+        out[granularity] = VectorSet(vectors, meta)
+    return out
+
+
+@dataclass
+class VectorRun:
+    paths: dict[str, Path]
+    keys: dict[str, str]  # granularity -> name@version (when published)
+    sets: dict[str, Any]
+    seconds: float  # readout + vector math (model loading excluded)
+    tokens: int
+    pairs: int
+
+
+def run_vectors(cfg: VectorConfig, *, console: Any = None) -> VectorRun:
+    """The whole stage: records -> pairs -> vectors -> files (+ registry, + W&B)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from pipelines.tracking import Tracker
+    from sae.lm import load_lm, load_tokenizer, resolve_device, resolve_model
+
+    console = console or Console()
+    records = load_records(cfg.data, cfg.split)  # type: ignore[arg-type]
+    device = str(resolve_device(cfg.device))
+    model = None
+    if cfg.workers > 0:  # the Ray tasks load the model; the driver needs the tokenizer and the SAE
+        tokenizer = load_tokenizer(cfg.model)
+        sae = _load_sae(cfg, "cpu")
+    else:
+        model, tokenizer = load_lm(cfg.model, dtype=cfg.dtype, device=device)
+        sae = _load_sae(cfg, device)
+    layer = resolve_layer(cfg, sae)
+    samples = select_samples(cfg, records)
+    pairs = feedback_pairs(cfg, tokenizer, samples)
+    started = time.perf_counter()
+    if model is None:
+        readouts = derive_parallel(cfg, layer, pairs)
+    else:
+        readouts = derive_fine(cfg, model, tokenizer, sae, layer, pairs)
+    seconds = time.perf_counter() - started
+    sources = {p: dict(Counter(x.source for x in pairs if x.perspective == p)) for p in samples}
+    extra = {
+        "config": cfg.to_dict(),
+        "feedback_sources": sources,
+        "topk": cfg.topk,
+        "pairs": len(pairs) - readouts.skipped,
+        "skipped_too_long": readouts.skipped,
+        "distinct_prompts": readouts.prompts,
+        "tokens": readouts.tokens,
+        "seconds": round(seconds, 3),
+    }
+    sets = vector_sets(cfg, readouts, model=resolve_model(cfg.model).name, layer=layer, sae=sae, extra=extra)
+
+    table = Table(title=f"{cfg.task_name}: {cfg.mode} vectors at layer {layer}")
+    for col in ("perspective", "pairs", "rationale / answer", "‖v‖ fine", "L0 fine"):
+        table.add_column(col, justify="left" if col == "perspective" else "right")
+    for p, v in readouts.fine.items():
+        src = sources.get(p, {})
+        table.add_row(
+            p, str(readouts.counts[p]), f"{src.get('rationale', 0)} / {src.get('answer', 0)}",
+            f"{v.norm():.2f}", str(int((v != 0).sum())),
+        )  # fmt: skip
+    console.print(table)
+    console.print(
+        f"{len(pairs)} pairs, {readouts.prompts} distinct prompts, {readouts.tokens} tokens in {seconds:.2f} s "
+        f"({readouts.tokens / max(seconds, 1e-9):.0f} tokens/s, "
+        f"{f'{cfg.workers} Ray tasks' if cfg.workers else 'in-process'})"
+    )
+
+    paths: dict[str, Path] = {}
+    keys: dict[str, str] = {}
+    client = None
+    if cfg.publish:
+        from pipelines.registry import RegistryClient
+
+        client = RegistryClient(cfg.registry_dir, address=cfg.ray_address)
+    with Tracker("vectors", cfg.to_dict(), cfg.out, mode=None if cfg.track else "disabled") as tracker:
+        for granularity, vs in sets.items():
+            name = cfg.set_name(granularity)
+            paths[granularity] = vs.save(cfg.out / f"{name}.safetensors")
+            console.print(f"wrote {paths[granularity]}")
+            if client is not None:
+                keys[granularity] = client.publish(vs, name)
+                console.print(f"published {keys[granularity]} to the registry at {client.root}")
+            tracker.log_artifact(paths[granularity], name=name, type="vectors", metadata={"granularity": granularity})
+        tracker.summary({"seconds": seconds, "tokens": readouts.tokens, "pairs": len(pairs)})
+    return VectorRun(paths, keys, sets, seconds, readouts.tokens, len(pairs))
+
+
+__all__ = [
+    "FeedbackPair",
+    "Readouts",
+    "VectorConfig",
+    "VectorRun",
+    "derive_fine",
+    "derive_parallel",
+    "feedback_pairs",
+    "resolve_layer",
+    "run_vectors",
+    "select_samples",
+    "vector_sets",
+]
