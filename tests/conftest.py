@@ -179,6 +179,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="session")
 def embedded_sae(embedded, data_root):
     """TEST FIXTURE SAE (see tests/sae_fixture.py, not the product trainer): TopK 8x k=32 at layer 15 of the
     embedded model, fitted on ~8k corpus tokens and cached; ``PLURISTEER_TEST_SAE`` swaps in a real one."""
