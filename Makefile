@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint cluster-check clean
 
 install: $(STAMP)
 
@@ -36,6 +36,10 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+# Static checks of ray_config.yaml, the KubeRay manifests and the Dockerfiles (also part of `make test`).
+cluster-check: $(STAMP)
+	$(BIN)/python -m cluster.validate
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .ruff_cache runs wandb
