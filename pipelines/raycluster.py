@@ -20,7 +20,10 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, **kwarg
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     options: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": True, **kwargs}
     if address is None and not os.environ.get("RAY_ADDRESS"):
-        options.setdefault("include_dashboard", False)
+        # The dashboard serves the State API (Ray Train's placement-group cleaner polls it) and Ray Jobs;
+        # PLURISTEER_RAY_DASHBOARD=0 turns it off for a leaner local Ray.
+        if os.environ.get("PLURISTEER_RAY_DASHBOARD", "1") == "0":
+            options.setdefault("include_dashboard", False)
         if num_cpus is not None:
             options["num_cpus"] = num_cpus
     if address and address.startswith("ray://"):
