@@ -135,11 +135,13 @@ def residuals(
     layers: Sequence[int],
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
+    **model_kwargs: object,
 ) -> dict[int, torch.Tensor]:
     """One forward that stops after the deepest of ``layers``; returns ``{layer: [batch, seq, d_model]}``.
 
     Skipping the blocks above the deepest layer (and the LM head) saves their compute: reading layer 15
-    of a 30-block model costs about half a forward.
+    of a 30-block model costs about half a forward. ``model_kwargs`` go to the model (``position_ids``,
+    ``past_key_values`` with ``use_cache=True`` to extend a KV cache); no cache is built by default.
     """
     blocks = decoder_layers(model)
     deepest = blocks[max(resolve_layer(model, layer) for layer in layers)]
@@ -151,7 +153,7 @@ def residuals(
     with capture(model, layers) as acts:
         handle = deepest.register_forward_hook(stop)  # registered after capture's hooks: runs last
         try:
-            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            model(input_ids=input_ids, attention_mask=attention_mask, **{"use_cache": False, **model_kwargs})
         except _StopForward:
             pass
         finally:

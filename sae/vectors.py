@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from sae.hooks import SAELike, decoder_layers, residuals, resolve_layer
+from sae.hooks import SAELike, residuals
 
 VectorMode = Literal["sae", "residual", "caa"]
 VECTOR_MODES: tuple[str, ...] = ("sae", "residual", "caa")
@@ -90,27 +90,9 @@ def readout_residuals(
     return out
 
 
-class _Stop(Exception):
-    """Raised after the readout layer: the rest of the model is skipped."""
-
-
 def _run_to(model: nn.Module, layer: int, **inputs: object) -> torch.Tensor:
     """The output of block ``layer`` for one forward (with whatever cache it is given); later blocks never run."""
-    block = decoder_layers(model)[resolve_layer(model, layer)]
-    out: list[torch.Tensor] = []
-
-    def stop(_module: nn.Module, _inputs: object, output: object) -> None:
-        out.append(output[0] if isinstance(output, tuple) else output)  # type: ignore[arg-type,index]
-        raise _Stop
-
-    handle = block.register_forward_hook(stop)
-    try:
-        model(**inputs)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    return out[0]
+    return residuals(model, [layer], **inputs)[layer]  # type: ignore[arg-type]
 
 
 def _shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
