@@ -14,6 +14,7 @@ Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream: tr
 """
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -21,7 +22,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import ray
@@ -29,6 +30,7 @@ import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -46,8 +48,17 @@ ENDPOINTS = (
     "/healthz", "/openapi.json",
 )  # fmt: skip
 
+
+class SafeJSONResponse(JSONResponse):
+    """JSON with non-ASCII escaped: a request's lone surrogates echoed back cannot break the encoding."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
+
+
 api = FastAPI(
     title="pluristeer",
+    default_response_class=SafeJSONResponse,
     version="0.1.0",
     description="Steered perspectives and pluralistic decoding, OpenAI-style.",
     docs_url=None,
@@ -64,7 +75,7 @@ class ApiError(Exception):
 
 def _error(status: int, message: str, kind: str, param: str | None = None, **headers: str) -> JSONResponse:
     body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
-    return JSONResponse(body, status_code=status, headers=headers or None)
+    return SafeJSONResponse(body, status_code=status, headers=headers or None)
 
 
 @api.exception_handler(ApiError)
@@ -113,12 +124,18 @@ async def _limits_and_metrics(request: Request, call_next: Any) -> Response:
     return response
 
 
-async def require_key(request: Request) -> None:
+bearer = HTTPBearer(auto_error=False, description="an API key from PLURISTEER_API_KEYS")
+
+
+async def require_key(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+) -> None:
     """The bearer-key check of every endpoint but ``/healthz`` (keys: :class:`serve.auth.KeyRing`)."""
     if not getattr(request.app.state, "auth", True):
         return
     ring: KeyRing | None = getattr(request.app.state, "keys", None)
-    if ring is None or not ring.allows(request.headers.get("authorization")):
+    header = None if credentials is None else f"{credentials.scheme} {credentials.credentials}"
+    if ring is None or not ring.allows(header):
         raise ApiError(
             401, "missing or unknown API key: send 'Authorization: Bearer <key>'", kind="authentication_error"
         )
@@ -132,10 +149,8 @@ async def _wait(response: Any) -> Any:
 
 
 async def _quiet(response: Any) -> None:
-    try:
+    with contextlib.suppress(Exception):  # releasing is best effort: the TTL drops what is left
         await response
-    except Exception:  # releasing is best effort: the TTL drops what is left
-        pass
 
 
 @dataclass
@@ -224,13 +239,19 @@ class PluralAggregator:
             raise ApiError(422, f"{param}: {len(ids)} tokens, the limit is {self.cfg.max_prompt_tokens}", param=param)
         if len(ids) + max_tokens > self.max_positions:
             raise ApiError(
-                422, f"{param}: {len(ids)} + max_tokens {max_tokens} exceeds the model's {self.max_positions} positions",
+                422, f"{param}: {len(ids)} + max_tokens {max_tokens} tokens exceed the model's {self.max_positions}",
                 param=param,
             )  # fmt: skip
         return ids
 
+    def _tokens(self, text: str, param: str, special: bool) -> list[int]:
+        try:
+            return self.tokenizer(text, add_special_tokens=special)["input_ids"]
+        except Exception as err:  # e.g. lone surrogates, which JSON can carry but UTF-8 cannot
+            raise ApiError(422, f"{param}: cannot be tokenized ({type(err).__name__})", param=param) from None
+
     def _encode_prompt(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=self.cfg.add_special_tokens)["input_ids"]
+        return self._tokens(text, "prompt", self.cfg.add_special_tokens)
 
     def _encode_chat(self, messages: list[ChatMessage]) -> list[int]:
         turns = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in messages]
@@ -238,13 +259,13 @@ class PluralAggregator:
         try:
             if getattr(self.tokenizer, "chat_template", None) is None:
                 text = "".join(f"{t['role']}: {t['content']}\n\n" for t in turns) + ("" if prefill else "assistant:")
-                return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+                return self._tokens(text, "messages", True)
             text = self.tokenizer.apply_chat_template(
                 turns, tokenize=False, add_generation_prompt=not prefill, continue_final_message=prefill
             )
         except Exception as err:  # templates raise on turn orders they do not support
             raise ApiError(422, f"messages: the chat template refused them ({err})", param="messages") from None
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self._tokens(text, "messages", False)
 
     # -- calls to the model deployments ------------------------------------------------------------------
     async def _call(self, handle: Any, method: str, name: str, deadline: float, *args: Any, **kwargs: Any) -> Any:
@@ -292,7 +313,8 @@ class PluralAggregator:
             r = await self._call(self.fused, "step_rows", FUSED, deadline, ids, rows, session=session)
             logits = torch.from_numpy(r["logits"])
             results = [
-                (FUSED, {"ran": ran, "hit": hit, "version": r["version"]}) for ran, hit in zip(r["ran"], r["hit"])
+                (FUSED, {"ran": ran, "hit": hit, "version": r["version"]})
+                for ran, hit in zip(r["ran"], r["hit"], strict=True)
             ]
             steered, base = (logits[:k] if k else None), (logits[k] if needs_base else None)
         else:
@@ -614,6 +636,8 @@ class PluralAggregator:
             label_ids = label_token_ids(self.tokenizer, body.options)
         except PromptError as err:
             raise ApiError(422, f"options: {err}", param="options") from None
+        except Exception as err:  # the tokenizer refuses the text
+            raise ApiError(422, f"options: cannot be tokenized ({type(err).__name__})", param="options") from None
         deadline = time.monotonic() + self.cfg.request_timeout_s
         logits = await self._logits(backend, ids, perspectives, True, None, deadline, True)
 

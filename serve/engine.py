@@ -320,4 +320,4 @@ class StepEngine:
             )
 
 
-__all__ = ["Row", "RowOut", "SessionCache", "StepEngine", "Steering"]
+__all__ = ["Row", "RowOut", "SessionCache", "Steering", "StepEngine"]

@@ -20,7 +20,7 @@ from ray import serve
 
 from serve.batcher import ContinuousBatcher
 from serve.config import BASE, FUSED, PERSPECTIVE, ServeConfig
-from serve.engine import Row, RowOut, SessionCache, StepEngine, Steering
+from serve.engine import Row, RowOut, SessionCache, Steering, StepEngine
 
 log = logging.getLogger("ray.serve")
 
