@@ -169,9 +169,13 @@ def run_serve(cfg: ServeConfig, *, block: bool = True, echo: Any = print) -> Any
         init_ray(None, num_cpus=max(os.cpu_count() or 1, math.ceil(cpus_needed(cfg, upto))))
     else:
         init_ray(cfg.ray_address)
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    started = time.perf_counter()
-    handle = serve.run(build(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix)
+    try:
+        serve.start(http_options={"host": cfg.host, "port": cfg.port})
+        started = time.perf_counter()
+        handle = serve.run(build(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix)
+    except BaseException:
+        _stop(cfg, local)
+        raise
     host = cfg.host if cfg.host not in ("0.0.0.0", "::") else "127.0.0.1"
     echo(
         f"pluristeer serving {cfg.vectors} ({cfg.backend}) at http://{host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
@@ -180,10 +184,10 @@ def run_serve(cfg: ServeConfig, *, block: bool = True, echo: Any = print) -> Any
     if not block:
         return handle
 
-    def _stop(_signum: int, _frame: Any) -> None:
+    def _interrupt(_signum: int, _frame: Any) -> None:
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, _stop)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         while True:
             time.sleep(1.0)
@@ -191,13 +195,21 @@ def run_serve(cfg: ServeConfig, *, block: bool = True, echo: Any = print) -> Any
         echo("shutting down ...")
     finally:
         signal.signal(signal.SIGTERM, previous)
-        if local:
-            serve.shutdown()
-            ray.shutdown()
-        else:
-            serve.delete(cfg.app_name)
+        _stop(cfg, local)
         echo("stopped")
     return None
+
+
+def _stop(cfg: ServeConfig, local: bool) -> None:
+    """Shut Serve and the local Ray down; on a cluster, delete only this app."""
+    import ray
+    from ray import serve
+
+    if local:
+        serve.shutdown()
+        ray.shutdown()
+    else:
+        serve.delete(cfg.app_name)
 
 
 __all__ = ["build", "build_app", "config_from_args", "deployment_names", "resolve_perspectives", "run_serve"]
