@@ -70,6 +70,7 @@ class _Entry:
     version: Any
     perspective: str | None
     touched: float
+    cache: Any = None  # the batch-1 transformers cache holding keys/values: reused (appended to) as is
 
     @property
     def nbytes(self) -> int:
@@ -269,7 +270,10 @@ class StepEngine:
             mask[b, P + N - n :] = 1
             position[b, N - n :] = torch.arange(p, p + n)
         cache = None
-        if P > 0:
+        reused = b_size == 1 and chunk[0][2] is not None and chunk[0][2].cache is not None
+        if reused:  # one session alone: its own cache object, no copy (the forward appends to it)
+            cache = chunk[0][2].cache  # type: ignore[union-attr]
+        elif P > 0:
             from transformers import DynamicCache
 
             layers = []
@@ -278,9 +282,6 @@ class StepEngine:
                 kv = []
                 for which in ("keys", "values"):
                     ref = getattr(first, which)[layer]
-                    if b_size == 1:
-                        kv.append(ref[None])
-                        continue
                     t = ref.new_zeros(b_size, ref.shape[0], P, ref.shape[2])
                     for b, (_, _, e, _) in enumerate(chunk):
                         if e is not None:
@@ -288,15 +289,20 @@ class StepEngine:
                     kv.append(t)
                 layers.append(tuple(kv))
             cache = DynamicCache(ddp_cache_data=layers)
-        with self._context(s, [row.perspective for _, row, _, _ in chunk]):
-            result = last_logits(
-                self.model,
-                input_ids=ids.to(self.device),
-                attention_mask=mask.to(self.device),
-                position_ids=position.to(self.device),
-                past_key_values=cache,
-                use_cache=True,
-            )
+        try:
+            with self._context(s, [row.perspective for _, row, _, _ in chunk]):
+                result = last_logits(
+                    self.model,
+                    input_ids=ids.to(self.device),
+                    attention_mask=mask.to(self.device),
+                    position_ids=position.to(self.device),
+                    past_key_values=cache,
+                    use_cache=True,
+                )
+        except BaseException:
+            if reused:  # the cache may hold part of this step now
+                self.cache.drop(chunk[0][1].key)  # type: ignore[arg-type]
+            raise
         logits = result.logits[:, -1].float().cpu()
         kv_cache = result.past_key_values
         cacheable = _plain_kv_layers(kv_cache)
@@ -315,9 +321,9 @@ class StepEngine:
                 k, v = layer.keys[b], layer.values[b]
                 keys.append(k if keep is None else k.index_select(-2, keep))
                 values.append(v if keep is None else v.index_select(-2, keep))
-            self.cache.put(
-                row.key, _Entry(tuple(row.ids), keys, values, logits[b], version, row.perspective, time.monotonic())
-            )
+            own = kv_cache if b_size == 1 else None
+            entry = _Entry(tuple(row.ids), keys, values, logits[b], version, row.perspective, time.monotonic(), own)
+            self.cache.put(row.key, entry)
 
 
 __all__ = ["Row", "RowOut", "SessionCache", "Steering", "StepEngine"]
