@@ -38,6 +38,7 @@ class Row:
     key: str | None  # session cache key; None: run uncached
     ids: Sequence[int]  # every token of the sequence so far
     perspective: str | None = None  # steering vector name; None: unsteered
+    group: str | None = None  # rows of one session with the same ids (serve.fused shares their lower blocks)
 
 
 @dataclass

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import uuid
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,7 @@ from ray import serve
 from serve.batcher import ContinuousBatcher
 from serve.config import BASE, FUSED, PERSPECTIVE, ServeConfig
 from serve.engine import Row, RowOut, SessionCache, Steering, StepEngine
+from serve.fused import FusedEngine, self_check
 
 log = logging.getLogger("ray.serve")
 
@@ -125,6 +127,21 @@ class ModelServer:
         )
         if self.source is not None:
             self.engine.step([Row(None, [pad], perspective)])  # checks the set against model and SAE once
+        self.shared_trunk = False
+        if fused:  # share the blocks below the steering layer between a session's rows, if this model allows it
+            problem = self_check(self.model, self.source.current, pad)  # type: ignore[union-attr]
+            if problem is None:
+                self.shared_trunk = True
+                self.engine = FusedEngine(  # type: ignore[assignment]
+                    self.model,
+                    steering=self.source.current,  # type: ignore[union-attr]
+                    cache=self.engine.cache,
+                    max_rows=self.cfg.max_batch_rows,
+                    max_tokens=self.cfg.max_batch_tokens,
+                    pad_id=pad,
+                )
+            else:
+                log.warning("%s: rows run unshared (the shared-trunk check failed: %s)", self.name, problem)
         self.batcher: ContinuousBatcher[list[Row], list[RowOut]] = ContinuousBatcher(
             self._run, max_rows=self.cfg.max_batch_rows, size=len
         )
@@ -149,7 +166,8 @@ class ModelServer:
 
     async def step_rows(self, ids: list[int], perspectives: list[str | None], *, session: str | None = None):
         """``FusedPlural``: next-token logits ``[rows, vocab]`` after ``ids`` for each of ``perspectives``."""
-        rows = [Row(session_key(session, p), ids, p) for p in perspectives]
+        group = session if session is not None else uuid.uuid4().hex
+        rows = [Row(session_key(session, p), ids, p, group) for p in perspectives]
         outs = await self.batcher.submit(rows)
         return {
             "logits": np.stack([o.logits for o in outs]),
@@ -160,7 +178,7 @@ class ModelServer:
 
     async def release(self, session: str) -> int:
         """Drop a finished session's caches (best effort; the TTL drops what is never released)."""
-        keys = [session_key(session, p) for p in self._perspectives()]
+        keys = [session_key(session, p) for p in self._perspectives()] + [f"{session}/#fused"]
         return sum(self.engine.cache.drop(k) for k in keys if k is not None)
 
     def _perspectives(self) -> list[str | None]:
@@ -182,6 +200,7 @@ class ModelServer:
             "cache_bytes": self.engine.cache.nbytes(),
             "load_seconds": self.load_seconds,
             "threads": torch.get_num_threads(),
+            "shared_trunk": self.shared_trunk,
             "version": self._version(),
             "batches": self.batcher.batches,
             "batched_items": self.batcher.items,

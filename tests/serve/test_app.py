@@ -126,7 +126,7 @@ def test_plural_decoding_over_three_perspectives_equals_offline_plural_generate(
             assert abs(sum(s["weights"].values()) - 1) < 1e-4
         first = {p: v[0]["logprob"] for p, v in steps[0]["perspectives"].items()}
         assert max(first.values()) - min(first.values()) > 1e-3, "the perspectives' distributions should differ"
-    # sampling with a seed: the fused replica runs the same batch as plural_generate, so it draws the same tokens
+    # sampling with a seed: the same generator and (up to float error) the same scores, so the same tokens
     sampled = plural_generate(model, tok, [prompt], app.vectors, app.perspectives, Decoding("mean", top_k=20),
                               embedded_sae.sae, max_new_tokens=8, do_sample=True, temperature=0.9, seed=11)  # fmt: skip
     r = app.post("/v1/completions", {"prompt": prompt, "max_tokens": 8, "temperature": 0.9, "seed": 11, "logprobs": 0,

@@ -112,3 +112,32 @@ def test_session_cache_is_lru_and_expires() -> None:
     now["t"] = 11.0
     assert cache.get("a") is None and cache.expired == 1
     assert cache.sweep() == 1 and len(cache) == 0
+
+
+def test_fused_engine_shares_the_blocks_below_the_steering_layer(embedded, embedded_sae, one_thread) -> None:
+    from serve.fused import FusedEngine, self_check
+
+    model, tok = embedded
+    sae = embedded_sae.sae
+    current = {"s": Steering(_set(model, sae), 1, sae)}
+    assert self_check(model, lambda: current["s"], tok.pad_token_id) is None
+    plain = StepEngine(model, steering=lambda: current["s"], pad_id=tok.pad_token_id)
+    fused = FusedEngine(model, steering=lambda: current["s"], pad_id=tok.pad_token_id)
+    one, two = _ids(tok, "Name a river."), _ids(tok, "What is the capital of Peru? Answer briefly.")
+
+    def rows(extra: list[int], sessions=("x", "y")) -> list[Row]:
+        seqs = {"x": one + extra, "y": two + extra}
+        return [Row(f"{g}/{p}", seqs[g], p, g) for g in sessions for p in ("a", "b", "c", None)]
+
+    for step, sessions in enumerate((("x",), ("x",), ("x", "y"), ("x", "y"))):
+        extra = list(range(60, 60 + step))
+        want, got = plain.step(rows(extra, sessions)), fused.step(rows(extra, sessions))
+        for w, g in zip(want, got, strict=True):
+            torch.testing.assert_close(torch.from_numpy(g.logits), torch.from_numpy(w.logits), atol=2e-4, rtol=0)
+            assert g.ran == w.ran
+    assert [o.ran for o in got] == [1] * 8 and fused.cache.nbytes() < plain.cache.nbytes()
+    current["s"] = Steering(_set(model, sae, scale=2.0), 2, sae)  # a new version: the rows replay
+    replayed = fused.step(rows(list(range(60, 64)), ("x",)))
+    assert [o.ran for o in replayed] == [len(one) + 4] * 4
+    uncached = fused.step([Row(None, one, "b", "z"), Row(None, one, None, "z")])
+    assert [o.ran for o in uncached] == [len(one)] * 2 and len(fused.cache) == 2
