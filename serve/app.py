@@ -173,6 +173,11 @@ def run_serve(cfg: ServeConfig, *, block: bool = True, echo: Any = print) -> Any
         serve.start(http_options={"host": cfg.host, "port": cfg.port})
         started = time.perf_counter()
         handle = serve.run(build(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix)
+    except KeyboardInterrupt:  # Ctrl-C while starting: as clean as after
+        echo("shutting down ...")
+        _stop(cfg, local)
+        echo("stopped")
+        return None
     except BaseException:
         _stop(cfg, local)
         raise
