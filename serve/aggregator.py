@@ -311,7 +311,7 @@ class PluralAggregator:
         if backend == "fused":
             rows: list[str | None] = [*perspectives, *([None] if needs_base else [])]
             r = await self._call(self.fused, "step_rows", FUSED, deadline, ids, rows, session=session)
-            logits = torch.from_numpy(r["logits"])
+            logits = torch.from_numpy(r["logits"].copy())  # Ray hands back read-only arrays
             results = [
                 (FUSED, {"ran": ran, "hit": hit, "version": r["version"]})
                 for ran, hit in zip(r["ran"], r["hit"], strict=True)
@@ -325,7 +325,7 @@ class PluralAggregator:
             )
             results = [(name, a) for (_, name), a in zip(targets, answers, strict=True)]
             steered = torch.from_numpy(np.stack([a["logits"] for a in answers[:k]])) if k else None
-            base = torch.from_numpy(answers[k]["logits"]) if needs_base else None
+            base = torch.from_numpy(answers[k]["logits"].copy()) if needs_base else None
         replays = 0
         for name, r in results:
             self.metrics.deployment_tokens.labels(name).inc(r["ran"])

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -54,24 +55,26 @@ def test_serve_starts_answers_and_stops_on_ctrl_c(tmp_path: Path, embedded, embe
     proc = subprocess.Popen(
         [*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(PLURISTEER_API_KEYS="k")
     )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)  # type: ignore[arg-type]
+    reader.start()
     try:
-        url, deadline, ready = f"http://127.0.0.1:{port}", time.monotonic() + 240, False
-        while time.monotonic() < deadline and proc.poll() is None and not ready:
-            try:
-                ready = httpx.get(url + "/healthz", timeout=5).status_code == 200
-            except httpx.HTTPError:
-                time.sleep(1)
-        assert ready, "the server did not come up"
+        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None and not any("pluristeer serving" in x for x in lines):
+            time.sleep(0.5)  # the URL line: serve.run has returned and the command blocks now
+        assert httpx.get(url + "/healthz", timeout=30).status_code == 200, "".join(lines)[-3000:]
         r = httpx.post(url + "/v1/completions", headers={"Authorization": "Bearer k"}, timeout=120,
                        json={"prompt": "Hello", "max_tokens": 3, "temperature": 0})  # fmt: skip
         assert r.status_code == 200 and r.json()["pluristeer"]["perspectives"] == ["calm"]
         assert r.json()["pluristeer"]["vector_versions"] == {"calm": 1}
         proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=120)
+        proc.wait(timeout=120)
+        reader.join(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.communicate()
+            proc.wait()
+    out = "".join(lines)
     assert proc.returncode == 0, out[-3000:]
     assert f"at http://127.0.0.1:{port}/v1" in out and "shutting down" in out and "\nstopped" in out
     assert (tmp_path / "reg" / "cli-test" / "v1.safetensors").is_file()  # the file was published first
