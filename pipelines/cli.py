@@ -138,8 +138,18 @@ def evaluate(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 
 @app.command()
 def serve(config: ConfigOpt = None, set_: SetOpt = None) -> None:
-    """Serve steered perspectives and pluralistic decoding over HTTP (Ray Serve)."""
-    _not_built("serve", 7)
+    """Serve steered perspectives and pluralistic decoding over HTTP (Ray Serve); Ctrl-C stops it."""
+    from pipelines.config import ConfigError
+    from pipelines.registry import RegistryError
+    from sae.lm import ModelNotFoundError
+    from sae.vectorset import VectorSetError
+    from serve.app import run_serve
+    from serve.config import ServeConfig
+
+    try:
+        run_serve(ServeConfig.load(config, set_ or []), echo=typer.echo)
+    except (ConfigError, RegistryError, ModelNotFoundError, VectorSetError, RuntimeError) as err:
+        _fail(str(err))  # RuntimeError: no API keys (serve.auth.AuthError), or Serve could not deploy
 
 
 @app.command()

@@ -1,0 +1,207 @@
+"""Serving benchmark: tokens/s and request latency (p50/p99) at 1, 4 and 16 concurrent requests, over HTTP, for
+
+  (a) the unsteered model alone           (BaseModel;                 perspectives: [])
+  (b) one steered perspective             (one PerspectiveModel;      perspectives: [p0], mode mean)
+  (c) PD, K=3, one replica per perspective (3 PerspectiveModels + BaseModel per step, fanned out; dvd)
+  (d) PD, K=3, fused                      (FusedPlural: the 4 rows as one batch; dvd)
+
+with ratios against (a) from the same run: the scenarios alternate in rounds at each concurrency, and each
+number is the median over the rounds, so load from other processes on a shared machine hits all four alike.
+Also the memory of each model replica (resident set, weights, KV caches).
+
+    PYTHONPATH=. python benchmarks/serve.py --sae /tmp/acc/train/L15-topk-8x-k32 [--tokens 32 --rounds 3]
+    PYTHONPATH=. python benchmarks/serve.py --vectors globalopinionqa-sae-fine --registry-dir ...
+
+Every replica gets ``--replica-cpus`` (default 0.25) and one torch thread; one replica per deployment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+# `python benchmarks/serve.py` puts benchmarks/ first on sys.path, where this file would shadow the serve package
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE] + [str(_HERE.parent)]
+
+PROMPTS = [
+    "Write a short paragraph about the history of bread.",
+    "Explain how a bicycle stays upright.",
+    "Describe a walk through a forest in autumn.",
+    "What makes a good teacher? Answer in a few sentences.",
+    "Summarise the water cycle for a child.",
+    "Give advice to someone starting to learn the piano.",
+    "Describe the city you would most like to visit and why.",
+    "Why do people keep pets? Discuss briefly.",
+]
+
+
+def _derive(sae_dir: Path, perspectives: int, samples: int):
+    """A fine VectorSet from ``samples`` GlobalOpinionQA training records per perspective."""
+    from pipelines.datasets import load_records
+    from pipelines.vectors import VectorConfig, derive_fine, feedback_pairs, resolve_layer, select_samples, vector_sets
+    from sae.lm import load_lm, model_name
+    from sae.model import SparseAutoencoder
+
+    cfg = VectorConfig(sae=sae_dir, data="globalopinionqa", samples=samples, max_perspectives=perspectives,
+                       granularity="fine", publish=False, track=False)  # fmt: skip
+    model, tok = load_lm("embedded")
+    sae = SparseAutoencoder.load(sae_dir)
+    layer = resolve_layer(cfg, sae)
+    pairs = feedback_pairs(cfg, tok, select_samples(cfg, load_records("globalopinionqa", "train")))
+    readouts = derive_fine(cfg, model, tok, sae, layer, pairs)
+    return vector_sets(cfg, readouts, model=model_name(model), layer=layer, sae=sae, extra={})["fine"]
+
+
+def _chat(tok: Any, text: str) -> str:
+    return tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+
+
+async def _level(url: str, key: str, body: dict[str, Any], prompts: list[str], concurrency: int, requests: int):
+    """``requests`` generations, ``concurrency`` in flight at once; returns per-request seconds and wall time."""
+    import httpx
+
+    queue = list(range(requests))
+    latencies: list[float] = []
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        while queue:
+            i = queue.pop()
+            started = time.perf_counter()
+            r = await client.post(url + "/v1/completions", json={**body, "prompt": prompts[i % len(prompts)]})
+            r.raise_for_status()
+            assert r.json()["usage"]["completion_tokens"] == body["max_tokens"]
+            latencies.append(time.perf_counter() - started)
+
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    headers = {"Authorization": f"Bearer {key}"}
+    async with httpx.AsyncClient(headers=headers, timeout=600, limits=limits) as client:
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+        return latencies, time.perf_counter() - started
+
+
+def _pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, round(q * (len(s) - 1)))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sae", type=Path, help="derive a 3-perspective VectorSet with this SAE (GlobalOpinionQA)")
+    ap.add_argument("--vectors", help="or serve this registry key (needs --registry-dir or a running registry)")
+    ap.add_argument("--registry-dir", type=Path, default=Path("/tmp/pluristeer-bench-registry"))
+    ap.add_argument("--samples", type=int, default=8)
+    ap.add_argument("--tokens", type=int, default=32, help="generated per request")
+    ap.add_argument("--concurrency", default="1,4,16")
+    ap.add_argument("--requests", type=int, default=0, help="per level and scenario (default max(4, 2*c))")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--replica-cpus", type=float, default=0.25)
+    ap.add_argument("--out", type=Path, help="also write the results as JSON")
+    args = ap.parse_args()
+    if (args.sae is None) == (args.vectors is None):
+        ap.error("give exactly one of --sae and --vectors")
+
+    import ray
+    from ray import serve
+
+    from pipelines.registry import RegistryClient
+    from sae.lm import load_tokenizer
+    from serve.app import build, resolve_perspectives
+    from serve.config import BASE, FUSED, ServeConfig, perspective_deployment
+
+    key = "bench-" + os.urandom(6).hex()
+    os.environ["PLURISTEER_API_KEYS"] = key
+    ray.init(num_cpus=max(os.cpu_count() or 1, 2), include_dashboard=False, log_to_driver=False)
+    client = RegistryClient(args.registry_dir)
+    name = args.vectors or "bench-gqa-fine"
+    if args.sae is not None:
+        client.publish(_derive(args.sae, 3, args.samples), name)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    fixed = {"num_replicas": 1, "max_ongoing_requests": 64}
+    cfg = ServeConfig.from_dict(
+        {
+            "vectors": name, "registry_dir": str(args.registry_dir), "backend": "both", "port": port,
+            "replica_cpus": args.replica_cpus, "aggregator_cpus": 0.25, "torch_threads": 1,
+            "max_tokens_limit": max(args.tokens, 16), "max_perspectives": 3,
+            "deployments": {n: fixed for n in ("PluralAggregator", "BaseModel", "PerspectiveModel", "FusedPlural")},
+        }
+    )  # fmt: skip
+    perspectives = resolve_perspectives(cfg)[:3]
+    if args.vectors is not None:
+        cfg = ServeConfig.from_dict({**cfg.to_dict(), "perspectives": perspectives})
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    started = time.perf_counter()
+    serve.run(build(cfg, perspectives), name=cfg.app_name, route_prefix="/")
+    print(f"app up in {time.perf_counter() - started:.0f} s; perspectives {perspectives}; {os.cpu_count()} CPUs")
+
+    tok = load_tokenizer("embedded")
+    prompts = [_chat(tok, p) for p in PROMPTS]
+    url = f"http://127.0.0.1:{port}"
+    common = {"max_tokens": args.tokens, "temperature": 0, "ignore_eos": True}
+    scenarios = {
+        "a": ("unsteered model", {**common, "perspectives": [], "backend": "replicas"}),
+        "b": ("one steered perspective", {**common, "perspectives": perspectives[:1], "backend": "replicas",
+                                          "decoding": {"mode": "mean"}}),
+        "c": ("PD K=3, replica per perspective", {**common, "perspectives": perspectives, "backend": "replicas",
+                                                  "decoding": {"mode": "dvd"}}),
+        "d": ("PD K=3, fused", {**common, "perspectives": perspectives, "backend": "fused",
+                                "decoding": {"mode": "dvd"}}),
+    }  # fmt: skip
+    for _, body in scenarios.values():  # warm up every path
+        asyncio.run(_level(url, key, body, prompts, 1, 1))
+
+    results: dict[str, Any] = {"tokens_per_request": args.tokens, "cpus": os.cpu_count(), "levels": {}}
+    for c in [int(x) for x in args.concurrency.split(",")]:
+        n = args.requests or max(4, 2 * c)
+        per: dict[str, dict[str, list[float]]] = {
+            s: {"tps": [], "p50": [], "p99": [], "tok_lat": []} for s in scenarios
+        }
+        for _ in range(args.rounds):
+            for s, (_, body) in scenarios.items():
+                latencies, wall = asyncio.run(_level(url, key, body, prompts, c, n))
+                per[s]["tps"].append(n * args.tokens / wall)
+                per[s]["p50"].append(_pct(latencies, 0.5))
+                per[s]["p99"].append(_pct(latencies, 0.99))
+                per[s]["tok_lat"].append(statistics.median(latencies) / args.tokens)
+        level = {s: {k: statistics.median(v) for k, v in m.items()} for s, m in per.items()}
+        for s in scenarios:
+            level[s]["latency_vs_a"] = level[s]["tok_lat"] / level["a"]["tok_lat"]
+            level[s]["throughput_vs_a"] = level[s]["tps"] / level["a"]["tps"]
+        results["levels"][c] = level
+        print(f"\nconcurrency {c}: {n} requests x {args.tokens} tokens per scenario, median of {args.rounds} rounds")
+        print(
+            f"  {'scenario':34s} {'tok/s':>8s} {'p50 s':>7s} {'p99 s':>7s} {'ms/tok':>7s} {'lat/a':>6s} {'tps/a':>6s}"
+        )
+        for s, (label, _) in scenarios.items():
+            m = level[s]
+            print(f"  ({s}) {label:30s} {m['tps']:8.1f} {m['p50']:7.2f} {m['p99']:7.2f} {1000 * m['tok_lat']:7.1f} "
+                  f"{m['latency_vs_a']:6.2f} {m['throughput_vs_a']:6.2f}")  # fmt: skip
+
+    memory = {}
+    for dep in [BASE, *(perspective_deployment(p) for p in perspectives), FUSED]:
+        stats = serve.get_deployment_handle(dep, app_name=cfg.app_name).stats.remote().result(timeout_s=60)
+        memory[dep] = {k: stats[k] for k in ("rss_bytes", "param_bytes", "sae_bytes", "cache_bytes", "sessions")}
+    results["memory"] = memory
+    print("\nmemory per model replica (MiB): resident / weights / SAE / KV caches")
+    for dep, m in memory.items():
+        print(f"  {dep:34s} {m['rss_bytes'] / 2**20:7.0f} {m['param_bytes'] / 2**20:7.0f} "
+              f"{m['sae_bytes'] / 2**20:5.0f} {m['cache_bytes'] / 2**20:6.1f}")  # fmt: skip
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2))
+    serve.shutdown()
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()

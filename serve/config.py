@@ -1,0 +1,225 @@
+"""``ServeConfig``: what `pluristeer serve` deploys (DESIGN §4), loadable from YAML and ``--set`` overrides.
+
+Deployment options (replicas, autoscaling, actor resources) start from the defaults below and are
+overridden per deployment by ``deployments``: a mapping from a deployment name — ``PluralAggregator``,
+``BaseModel``, ``FusedPlural``, ``PerspectiveModel`` (every perspective) or ``PerspectiveModel-<slug>``
+(one perspective) — to Serve deployment options, e.g.::
+
+    deployments:
+      PerspectiveModel-united_states:
+        autoscaling_config: {min_replicas: 1, max_replicas: 8, target_ongoing_requests: 8}
+        ray_actor_options: {num_cpus: 1, num_gpus: 0.25}
+
+A Serve config file (``serve/serve_config.yaml``) can override them again by deployment name.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pipelines.config import ConfigError, StageConfig, check
+from serve.decoding import DECODING_MODES
+
+AGGREGATOR = "PluralAggregator"
+BASE = "BaseModel"
+FUSED = "FusedPlural"
+PERSPECTIVE = "PerspectiveModel"
+DEFAULT_API_KEYS_ENV = "PLURISTEER_API_KEYS"
+DEPLOYMENT_KEYS = (
+    "num_replicas",
+    "autoscaling_config",
+    "max_ongoing_requests",
+    "max_queued_requests",
+    "ray_actor_options",
+    "health_check_period_s",
+    "health_check_timeout_s",
+    "graceful_shutdown_timeout_s",
+    "graceful_shutdown_wait_loop_s",
+)
+
+
+def slug(perspective: str) -> str:
+    """A perspective's part of its deployment name: ``"United States"`` -> ``"united_states"``."""
+    out = re.sub(r"[^a-z0-9]+", "_", perspective.lower()).strip("_")
+    return out or "p"
+
+
+def perspective_deployment(perspective: str) -> str:
+    return f"{PERSPECTIVE}-{slug(perspective)}"
+
+
+@dataclass
+class ServeConfig(StageConfig):
+    """Settings of ``pluristeer serve`` (YAML + ``--set field=value``)."""
+
+    # what is served
+    vectors: str = ""  # registry key of the VectorSet: name, name@latest (follows new versions) or name@N
+    vectors_file: Path | None = None  # publish this VectorSet file as `vectors` first (if it is not the latest)
+    perspectives: list[str] = field(default_factory=list)  # deployed perspectives (default: all of the set)
+    model: str = "embedded"
+    sae: Path | None = None  # default: the SAE path the vector set records
+    dtype: str = "float32"
+    device: str = "auto"
+    registry_dir: Path | None = None
+    ray_address: str | None = None
+    vector_poll_s: float = 2.0  # how often replicas look for a new version of the set
+    # steering
+    coeff: float = 1.0
+    steer_mode: Literal["sae", "residual", "caa"] | None = None  # default: the set's own mode
+    keep_error: bool = True
+    steer_decode: bool = True
+    from_position: int = 0
+    # default decoding (a request's `decoding` overrides it)
+    decoding_mode: Literal["mean", "cad", "dvd"] = "dvd"
+    alpha: float = 0.2
+    tau: float = 0.4
+    top_k: int = 20
+    # topology
+    backend: Literal["replicas", "fused", "both"] = "replicas"  # both: a request's `backend` picks (default replicas)
+    app_name: str = "pluristeer"
+    route_prefix: str = "/"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    replica_cpus: float = 0.5
+    replica_gpus: float = 0.0
+    aggregator_cpus: float = 0.25
+    min_replicas: int = 1
+    max_replicas: int = 2
+    target_ongoing_requests: float = 16.0
+    max_ongoing_requests: int = 64
+    deployments: dict[str, Any] = field(default_factory=dict)  # per-deployment Serve options (module docstring)
+    torch_threads: int = 0  # per model replica; 0: max(1, its num_cpus rounded down)
+    # replicas
+    max_batch_rows: int = 32  # rows in one forward (continuous batching)
+    max_batch_tokens: int = 8192  # padded tokens in one replay forward
+    max_sessions: int = 64  # KV caches kept per replica (LRU)
+    session_ttl_s: float = 300.0
+    session_affinity: bool = True  # route a session's steps to the replica holding its cache
+    # the API
+    auth: bool = True  # bearer keys on everything but /healthz
+    api_keys_env: str = DEFAULT_API_KEYS_ENV  # comma-separated keys in this environment variable
+    add_special_tokens: bool = False  # completions: prompts are complete model inputs
+    max_prompt_tokens: int = 4096
+    max_tokens_limit: int = 512  # upper bound of a request's max_tokens
+    default_max_tokens: int = 16  # OpenAI's default for completions
+    max_perspectives: int = 8  # K
+    max_prompts: int = 8  # prompts in one /v1/completions request
+    max_body_bytes: int = 1_000_000
+    request_timeout_s: float = 300.0
+    step_timeout_s: float = 60.0  # one call to one deployment; a lost replica is retried until the request times out
+
+    def validate(self) -> None:
+        check(bool(self.vectors.strip()) or self.vectors_file is not None, "vectors: a registry name is required")
+        check(self.vector_poll_s > 0, "vector_poll_s: must be > 0")
+        check(self.decoding_mode in DECODING_MODES, f"decoding_mode: one of {DECODING_MODES}")
+        check(self.alpha >= 0, "alpha: must be >= 0")
+        check(self.tau > 0, "tau: must be > 0")
+        check(self.top_k >= 1, "top_k: must be >= 1")
+        check(self.from_position >= 0, "from_position: must be >= 0")
+        check(len(set(self.perspectives)) == len(self.perspectives), "perspectives: listed twice")
+        slugs = [slug(p) for p in self.perspectives]
+        check(len(set(slugs)) == len(slugs), f"perspectives: two of them share a deployment name ({slugs})")
+        check(self.route_prefix.startswith("/"), "route_prefix: must start with '/'")
+        check(1 <= self.port <= 65535, "port: must be in 1..65535")
+        check(self.replica_cpus >= 0 and self.aggregator_cpus >= 0, "replica_cpus, aggregator_cpus: must be >= 0")
+        check(self.replica_gpus >= 0, "replica_gpus: must be >= 0")
+        check(0 <= self.min_replicas <= self.max_replicas, "min_replicas, max_replicas: need 0 <= min <= max")
+        check(self.max_replicas >= 1, "max_replicas: must be >= 1")
+        check(self.target_ongoing_requests > 0, "target_ongoing_requests: must be > 0")
+        check(self.max_ongoing_requests >= 1, "max_ongoing_requests: must be >= 1")
+        check(self.torch_threads >= 0, "torch_threads: must be >= 0 (0: from num_cpus)")
+        check(self.max_batch_rows >= 1, "max_batch_rows: must be >= 1")
+        check(self.max_batch_tokens >= 1, "max_batch_tokens: must be >= 1")
+        check(self.max_sessions >= 0, "max_sessions: must be >= 0")
+        check(self.session_ttl_s > 0, "session_ttl_s: must be > 0")
+        check(bool(self.api_keys_env.strip()), "api_keys_env: name an environment variable")
+        check(self.max_prompt_tokens >= 1, "max_prompt_tokens: must be >= 1")
+        check(self.max_tokens_limit >= 1, "max_tokens_limit: must be >= 1")
+        check(1 <= self.default_max_tokens <= self.max_tokens_limit, "default_max_tokens: 1..max_tokens_limit")
+        check(self.max_perspectives >= 1, "max_perspectives: must be >= 1")
+        check(self.max_prompts >= 1, "max_prompts: must be >= 1")
+        check(self.max_body_bytes >= 1024, "max_body_bytes: must be >= 1024")
+        check(self.request_timeout_s > 0 and self.step_timeout_s > 0, "request_timeout_s, step_timeout_s: > 0")
+        for name, options in self.deployments.items():
+            check(
+                name in (AGGREGATOR, BASE, FUSED, PERSPECTIVE) or name.startswith(f"{PERSPECTIVE}-"),
+                f"deployments: unknown deployment {name!r}; use {AGGREGATOR}, {BASE}, {FUSED}, {PERSPECTIVE} "
+                f"or {PERSPECTIVE}-<perspective slug>",
+            )
+            check(isinstance(options, dict), f"deployments.{name}: expected a mapping of Serve options")
+            unknown = sorted(set(options) - set(DEPLOYMENT_KEYS))
+            check(not unknown, f"deployments.{name}: unknown option(s) {unknown}; allowed: {list(DEPLOYMENT_KEYS)}")
+            if "autoscaling_config" in options:
+                _check_autoscaling(options["autoscaling_config"], f"deployments.{name}.autoscaling_config")
+
+    # -- deployment options ------------------------------------------------------------------------------
+    def defaults(self, kind: str) -> dict[str, Any]:
+        if kind == AGGREGATOR:
+            return {
+                "max_ongoing_requests": 4 * self.max_ongoing_requests,
+                "autoscaling_config": {
+                    "min_replicas": max(1, self.min_replicas),
+                    "max_replicas": self.max_replicas,
+                    "target_ongoing_requests": 2 * self.target_ongoing_requests,
+                },
+                "ray_actor_options": {"num_cpus": self.aggregator_cpus},
+            }
+        actor: dict[str, Any] = {"num_cpus": self.replica_cpus}
+        if self.replica_gpus > 0:
+            actor["num_gpus"] = self.replica_gpus
+        return {
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "autoscaling_config": {
+                "min_replicas": self.min_replicas,
+                "max_replicas": self.max_replicas,
+                "target_ongoing_requests": self.target_ongoing_requests,
+            },
+            "ray_actor_options": actor,
+        }
+
+    def deployment_options(self, name: str) -> dict[str, Any]:
+        """Serve options of deployment ``name``: defaults, then ``deployments[kind]``, then ``deployments[name]``."""
+        kind = PERSPECTIVE if name.startswith(f"{PERSPECTIVE}-") else name
+        options = self.defaults(kind)
+        for key in dict.fromkeys((kind, name)):
+            for option, value in copy.deepcopy(self.deployments.get(key, {})).items():
+                if option in ("autoscaling_config", "ray_actor_options") and isinstance(value, dict):
+                    options[option] = {**options.get(option, {}), **value}
+                else:
+                    options[option] = value
+        if "num_replicas" in options:  # a fixed replica count replaces autoscaling
+            options.pop("autoscaling_config", None)
+        return options
+
+    def threads_for(self, options: dict[str, Any]) -> int:
+        if self.torch_threads:
+            return self.torch_threads
+        return max(1, int(options.get("ray_actor_options", {}).get("num_cpus", 1) or 1))
+
+
+def _check_autoscaling(value: Any, where: str) -> None:
+    from pydantic import ValidationError
+    from ray.serve.config import AutoscalingConfig
+
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping")
+    try:
+        AutoscalingConfig(**value)
+    except (ValidationError, ValueError, TypeError) as err:
+        raise ConfigError(f"{where}: {str(err).splitlines()[0] if str(err) else err}") from None
+
+
+__all__ = [
+    "AGGREGATOR",
+    "BASE",
+    "DEFAULT_API_KEYS_ENV",
+    "FUSED",
+    "PERSPECTIVE",
+    "ServeConfig",
+    "perspective_deployment",
+    "slug",
+]

@@ -1,0 +1,330 @@
+"""The step engine of a model replica (pure torch, no Ray): next-token logits for a batch of rows, with a KV
+cache per session.
+
+A row is ``(key, ids, perspective)``: the full token ids of one sequence so far, the session key its KV
+cache is kept under (``None``: run it uncached) and the perspective that steers it (``None``: unsteered).
+Each call of :meth:`StepEngine.step` answers every row with the logits after its last token:
+
+- a row whose session holds a cached prefix of ``ids`` (same steering vector version) runs only the new
+  tokens on top of that cache — one token per decoding step;
+- any other row (a new session, an evicted or expired one, a replica that restarted, a vector that moved
+  to a new version) *replays*: its whole prefix runs again. So the caller never depends on which replica,
+  or which incarnation of it, answers a step.
+
+Rows run as few batched forwards: all one-token decode rows together (their caches left-padded to one
+length), and the replays together. Sessions live in a :class:`SessionCache` (LRU, bounded, with a TTL).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from sae.hooks import steer
+from serve.decoding import last_logits
+
+
+@dataclass(frozen=True)
+class Row:
+    key: str | None  # session cache key; None: run uncached
+    ids: Sequence[int]  # every token of the sequence so far
+    perspective: str | None = None  # steering vector name; None: unsteered
+    group: str | None = None  # rows of one session with the same ids (serve.fused shares their lower blocks)
+
+
+@dataclass
+class RowOut:
+    logits: np.ndarray  # [vocab] float32: next-token logits after the row's last token
+    ran: int  # tokens this row ran through the model in this call (0: answered from the cache)
+    hit: bool  # a cached prefix (or the cached answer) was used
+
+
+@dataclass
+class Steering:
+    """What steers the rows: a VectorSet (``vectors[perspective]``), its version, the SAE and the options."""
+
+    vector_set: Any  # sae.vectorset.VectorSet
+    version: Any
+    sae: Any = None
+    coeff: float = 1.0
+    mode: str | None = None  # default: the set's own mode
+    keep_error: bool = True
+    steer_decode: bool = True
+    from_position: int = 0
+
+
+@dataclass
+class _Entry:
+    ids: tuple[int, ...]
+    keys: list[torch.Tensor]  # per layer [kv_heads, T, head_dim]
+    values: list[torch.Tensor]
+    logits: torch.Tensor  # [vocab] after ids
+    version: Any
+    perspective: str | None
+    touched: float
+    cache: Any = None  # the batch-1 transformers cache holding keys/values: reused (appended to) as is
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+
+class SessionCache:
+    """Per-session KV caches: least recently used first out beyond ``max_sessions``, dropped after ``ttl_s``
+    without use. Thread-safe (the engine runs on a worker thread, releases come from the event loop)."""
+
+    def __init__(self, max_sessions: int = 64, ttl_s: float = 300.0, clock: Callable[[], float] = time.monotonic):
+        if max_sessions < 0 or ttl_s <= 0:
+            raise ValueError("max_sessions must be >= 0 and ttl_s > 0")
+        self.max_sessions = max_sessions
+        self.ttl_s = ttl_s
+        self.clock = clock
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._lock = threading.Lock()
+        self.evicted = 0
+        self.expired = 0
+
+    def get(self, key: str) -> _Entry | None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return None
+            if self.clock() - entry.touched > self.ttl_s:
+                del self._entries[key]
+                self.expired += 1
+                return None
+            self._entries.move_to_end(key)
+            return entry
+
+    def put(self, key: str, entry: _Entry) -> None:
+        if self.max_sessions == 0:
+            return
+        with self._lock:
+            entry.touched = self.clock()
+            self._entries[key] = entry
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.max_sessions:
+                self._entries.popitem(last=False)
+                self.evicted += 1
+
+    def drop(self, key: str) -> bool:
+        with self._lock:
+            return self._entries.pop(key, None) is not None
+
+    def sweep(self) -> int:
+        """Drop expired sessions; returns how many."""
+        now = self.clock()
+        with self._lock:
+            old = [k for k, e in self._entries.items() if now - e.touched > self.ttl_s]
+            for k in old:
+                del self._entries[k]
+            self.expired += len(old)
+            return len(old)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._entries
+
+    def nbytes(self) -> int:
+        with self._lock:
+            return sum(e.nbytes for e in self._entries.values())
+
+
+def _plain_kv_layers(cache: Any) -> bool:
+    """Whether every layer of a transformers cache is a plain (full-attention) dynamic layer we can slice."""
+    from transformers.cache_utils import DynamicLayer
+
+    return all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", [None]))
+
+
+class StepEngine:
+    """Batched next-token logits with per-session KV caches for one model (see the module docstring).
+
+    ``steering`` is called once per :meth:`step` and returns the current :class:`Steering` (or ``None`` for
+    an unsteered model); a new ``version`` makes every cached session replay once. ``max_rows`` and
+    ``max_tokens`` bound one forward (rows, and padded tokens of a replay batch).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        steering: Callable[[], Steering | None] = lambda: None,
+        cache: SessionCache | None = None,
+        max_rows: int = 32,
+        max_tokens: int = 8192,
+        pad_id: int = 0,
+    ) -> None:
+        self.model = model
+        self.steering = steering
+        self.cache = cache if cache is not None else SessionCache()
+        self.max_rows = max_rows
+        self.max_tokens = max_tokens
+        self.pad_id = pad_id
+        self.device = next(model.parameters()).device
+        self.vocab = model.get_output_embeddings().weight.shape[0]
+        self._checked: Any = object()
+        self.counters = {"rows": 0, "forwards": 0, "tokens": 0, "hits": 0, "replays": 0}
+
+    # -- steering ------------------------------------------------------------------------------------
+    def _current(self) -> Steering | None:
+        s = self.steering()
+        if s is not None and s.version != self._checked:
+            s.vector_set.check(self.model, sae=s.sae)  # fingerprints the SAE: once per version, not per step
+            self._checked = s.version
+        return s
+
+    def _context(self, s: Steering | None, perspectives: list[str | None]):
+        if s is None or all(p is None for p in perspectives):
+            if any(p is not None for p in perspectives):
+                raise ValueError("this model is unsteered: it has no perspectives")
+            return nullcontext()
+        vs = s.vector_set
+        mode = s.mode or vs.meta.mode
+        return steer(
+            self.model,
+            vs.meta.layer,
+            vs.rows(perspectives),
+            mode=mode,
+            sae=s.sae,
+            coeff=s.coeff,
+            keep_error=s.keep_error,
+            steer_decode=s.steer_decode,
+            from_position=s.from_position,
+        )
+
+    # -- the step --------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self, rows: Sequence[Row]) -> list[RowOut]:
+        """Next-token logits for every row (see the module docstring)."""
+        s = self._current()
+        version = None if s is None else s.version
+        out: list[RowOut | None] = [None] * len(rows)
+        decode: list[tuple[int, Row, _Entry | None, list[int]]] = []
+        replay: list[tuple[int, Row, _Entry | None, list[int]]] = []
+        for i, row in enumerate(rows):
+            ids = list(row.ids)
+            if not ids:
+                raise ValueError("a row needs at least one token")
+            if min(ids) < 0 or max(ids) >= self.vocab:
+                raise ValueError(f"token ids must be in [0, {self.vocab})")
+            if s is not None and row.perspective is not None and row.perspective not in s.vector_set.vectors:
+                raise ValueError(f"unknown perspective {row.perspective!r}; this set has {s.vector_set.perspectives}")
+            entry = self.cache.get(row.key) if row.key is not None else None
+            if entry is not None and (
+                entry.version != version
+                or entry.perspective != row.perspective
+                or len(entry.ids) > len(ids)
+                or tuple(ids[: len(entry.ids)]) != entry.ids
+            ):
+                entry = None
+            if entry is not None and len(entry.ids) == len(ids):  # asked again (a retried call): cached answer
+                out[i] = RowOut(entry.logits.numpy(), 0, True)
+                self.counters["hits"] += 1
+                continue
+            if entry is not None:
+                self.counters["hits"] += 1
+                (decode if len(ids) - len(entry.ids) == 1 else replay).append((i, row, entry, ids[len(entry.ids) :]))
+            else:
+                replay.append((i, row, None, ids))
+                self.counters["replays"] += 1
+        replay.sort(key=lambda r: len(r[3]))
+        for group in (decode, replay):
+            start = 0
+            while start < len(group):
+                end = start + 1
+                while (
+                    end < len(group)
+                    and end - start < self.max_rows
+                    and (end + 1 - start) * max(len(r[3]) for r in group[start : end + 1]) <= self.max_tokens
+                ):
+                    end += 1
+                self._run(group[start:end], out, s, version)
+                start = end
+        self.counters["rows"] += len(rows)
+        return out  # type: ignore[return-value]
+
+    def _run(self, chunk: list[tuple[int, Row, _Entry | None, list[int]]], out: list, s, version) -> None:
+        """One forward over ``chunk``: row b is ``[pad][its cached past][pad][its new tokens]``, the past
+        left-padded to the longest past ``P``, the new tokens left-padded to the longest ``N``."""
+        b_size = len(chunk)
+        pasts = [0 if e is None else len(e.ids) for _, _, e, _ in chunk]
+        news = [len(n) for _, _, _, n in chunk]
+        P, N = max(pasts), max(news)
+        ids = torch.full((b_size, N), self.pad_id, dtype=torch.long)
+        mask = torch.zeros(b_size, P + N, dtype=torch.long)
+        position = torch.zeros(b_size, N, dtype=torch.long)
+        for b, ((_, _, _, new), p, n) in enumerate(zip(chunk, pasts, news, strict=True)):
+            ids[b, N - n :] = torch.tensor(new)
+            mask[b, P - p : P] = 1
+            mask[b, P + N - n :] = 1
+            position[b, N - n :] = torch.arange(p, p + n)
+        cache = None
+        reused = b_size == 1 and chunk[0][2] is not None and chunk[0][2].cache is not None
+        if reused:  # one session alone: its own cache object, no copy (the forward appends to it)
+            cache = chunk[0][2].cache  # type: ignore[union-attr]
+        elif P > 0:
+            from transformers import DynamicCache
+
+            layers = []
+            first = next(e for _, _, e, _ in chunk if e is not None)
+            for layer in range(len(first.keys)):
+                kv = []
+                for which in ("keys", "values"):
+                    ref = getattr(first, which)[layer]
+                    t = ref.new_zeros(b_size, ref.shape[0], P, ref.shape[2])
+                    for b, (_, _, e, _) in enumerate(chunk):
+                        if e is not None:
+                            t[b, :, P - pasts[b] :] = getattr(e, which)[layer]
+                    kv.append(t)
+                layers.append(tuple(kv))
+            cache = DynamicCache(ddp_cache_data=layers)
+        try:
+            with self._context(s, [row.perspective for _, row, _, _ in chunk]):
+                result = last_logits(
+                    self.model,
+                    input_ids=ids.to(self.device),
+                    attention_mask=mask.to(self.device),
+                    position_ids=position.to(self.device),
+                    past_key_values=cache,
+                    use_cache=True,
+                )
+        except BaseException:
+            if reused:  # the cache may hold part of this step now
+                self.cache.drop(chunk[0][1].key)  # type: ignore[arg-type]
+            raise
+        logits = result.logits[:, -1].float().cpu()
+        kv_cache = result.past_key_values
+        cacheable = _plain_kv_layers(kv_cache)
+        self.counters["forwards"] += 1
+        self.counters["tokens"] += sum(news)
+        for b, ((i, row, _, _), p, n) in enumerate(zip(chunk, pasts, news, strict=True)):
+            out[i] = RowOut(logits[b].numpy(), n, p > 0)
+            if row.key is None or not cacheable:
+                continue
+            if p == P and n == N:
+                keep = None
+            else:
+                keep = torch.cat([torch.arange(P - p, P), torch.arange(P + N - n, P + N)]).to(self.device)
+            keys, values = [], []
+            for layer in kv_cache.layers:
+                k, v = layer.keys[b], layer.values[b]
+                keys.append(k if keep is None else k.index_select(-2, keep))
+                values.append(v if keep is None else v.index_select(-2, keep))
+            own = kv_cache if b_size == 1 else None
+            entry = _Entry(tuple(row.ids), keys, values, logits[b], version, row.perspective, time.monotonic(), own)
+            self.cache.put(row.key, entry)
+
+
+__all__ = ["Row", "RowOut", "SessionCache", "Steering", "StepEngine"]

@@ -1,0 +1,235 @@
+"""The model deployments (DESIGN §4): ``PerspectiveModel`` (one steered perspective, bound once per perspective),
+``BaseModel`` (unsteered) and ``FusedPlural`` (every perspective as rows of one batch on one model).
+
+Each replica loads the model once, follows its vector set in the registry (a new version is picked up
+between steps, no restart), and answers ``step`` calls with next-token logits through a
+:class:`serve.engine.StepEngine` (per-session KV caches; a miss replays the prefix) fed by a
+:class:`serve.batcher.ContinuousBatcher` (concurrent sessions' steps share a forward).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+import torch
+from ray import serve
+
+from serve.batcher import ContinuousBatcher
+from serve.config import BASE, FUSED, PERSPECTIVE, ServeConfig
+from serve.engine import Row, RowOut, SessionCache, Steering, StepEngine
+from serve.fused import FusedEngine, self_check
+
+log = logging.getLogger("ray.serve")
+
+
+def session_key(session: str | None, perspective: str | None) -> str | None:
+    """The cache key of one row of a session: ``"{session}/{perspective}"`` (``-`` for unsteered)."""
+    return None if session is None else f"{session}/{perspective if perspective is not None else '-'}"
+
+
+def process_memory() -> int:
+    """Resident memory of this process in bytes."""
+    try:
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+    except ImportError:  # pragma: no cover - psutil ships with Ray
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class VectorSource:
+    """The current vector set of a registry key and the SAE it needs: ``name`` / ``name@latest`` follow new
+    versions (polled every ``poll_s``), ``name@N`` stays at N. The SAE is ``sae_dir`` if given, else the
+    one the set records (reloaded when a new version records another)."""
+
+    def __init__(self, cfg: ServeConfig, device: str) -> None:
+        from pipelines.registry import RegistryClient, VectorWatch, parse_key
+
+        self.cfg = cfg
+        self.device = device
+        self.client = RegistryClient(cfg.registry_dir, address=cfg.ray_address)
+        name, version = parse_key(cfg.vectors)
+        self.pinned = version
+        self.watch = None if version is not None else VectorWatch(self.client, name, interval_s=cfg.vector_poll_s)
+        self._fixed = self.client.get(cfg.vectors) if version is not None else None
+        self.sae: Any = None
+        self._sae_fingerprint: str | None = None
+        self._version: Any = None
+        self._steering: Steering | None = None
+
+    def current(self) -> Steering:
+        if self.watch is not None:
+            vs, version = self.watch.current(), self.watch.version
+        else:
+            vs, version = self._fixed, self.pinned
+        if self._steering is None or version != self._version:
+            self._load_sae(vs)
+            self._version = version
+            self._steering = Steering(
+                vs, version, self.sae, self.cfg.coeff, self.cfg.steer_mode, self.cfg.keep_error,
+                self.cfg.steer_decode, self.cfg.from_position,
+            )  # fmt: skip
+        return self._steering
+
+    def _load_sae(self, vs: Any) -> None:
+        from sae.model import SparseAutoencoder
+        from sae.vectorset import sae_fingerprint
+
+        if vs.meta.mode == "caa":
+            self.sae = None
+            return
+        if self.sae is not None and self._sae_fingerprint == vs.meta.sae_fingerprint:
+            return
+        path = self.cfg.sae or vs.meta.sae_path
+        if path is None:
+            raise RuntimeError(f"{self.cfg.vectors}: the set records no SAE path; set `sae` in the serve config")
+        self.sae = SparseAutoencoder.load(path, device=self.device)
+        self._sae_fingerprint = sae_fingerprint(self.sae)
+
+
+class ModelServer:
+    """The body of every model deployment: model, engine, batcher. ``perspective`` fixes the steering of a
+    ``PerspectiveModel``; ``None`` with ``fused=False`` is the unsteered ``BaseModel``."""
+
+    def __init__(self, cfg: dict[str, Any], perspective: str | None = None, *, fused: bool = False, threads: int = 1):
+        from sae.lm import load_lm, resolve_device
+
+        self.cfg = ServeConfig.from_dict(cfg)
+        torch.set_num_threads(max(1, threads))
+        self.perspective = perspective
+        self.fused = fused
+        self.name = FUSED if fused else (BASE if perspective is None else f"{PERSPECTIVE}[{perspective}]")
+        device = str(resolve_device(self.cfg.device))
+        started = time.perf_counter()
+        self.model, tokenizer = load_lm(self.cfg.model, dtype=self.cfg.dtype, device=device)
+        self.source = VectorSource(self.cfg, device) if (fused or perspective is not None) else None
+        if self.source is not None:
+            steering = self.source.current()
+            if perspective is not None and perspective not in steering.vector_set.vectors:
+                raise ValueError(
+                    f"perspective {perspective!r} is not in {self.cfg.vectors} "
+                    f"(it has {steering.vector_set.perspectives})"
+                )
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.engine = StepEngine(
+            self.model,
+            steering=self.source.current if self.source is not None else (lambda: None),
+            cache=SessionCache(self.cfg.max_sessions, self.cfg.session_ttl_s),
+            max_rows=self.cfg.max_batch_rows,
+            max_tokens=self.cfg.max_batch_tokens,
+            pad_id=pad,
+        )
+        if self.source is not None:
+            self.engine.step([Row(None, [pad], perspective)])  # checks the set against model and SAE once
+        self.shared_trunk = False
+        if fused:  # share the blocks below the steering layer between a session's rows, if this model allows it
+            problem = self_check(self.model, self.source.current, pad)  # type: ignore[union-attr]
+            if problem is None:
+                self.shared_trunk = True
+                self.engine = FusedEngine(  # type: ignore[assignment]
+                    self.model,
+                    steering=self.source.current,  # type: ignore[union-attr]
+                    cache=self.engine.cache,
+                    max_rows=self.cfg.max_batch_rows,
+                    max_tokens=self.cfg.max_batch_tokens,
+                    pad_id=pad,
+                )
+            else:
+                log.warning("%s: rows run unshared (the shared-trunk check failed: %s)", self.name, problem)
+        self.batcher: ContinuousBatcher[list[Row], list[RowOut]] = ContinuousBatcher(
+            self._run, max_rows=self.cfg.max_batch_rows, size=len
+        )
+        self.load_seconds = time.perf_counter() - started
+        log.info("%s: model loaded on %s in %.1f s", self.name, device, self.load_seconds)
+
+    def _run(self, items: list[list[Row]]) -> list[list[RowOut]]:
+        flat = self.engine.step([row for item in items for row in item])
+        out, start = [], 0
+        for item in items:
+            out.append(flat[start : start + len(item)])
+            start += len(item)
+        return out
+
+    def _version(self) -> Any:
+        return None if self.source is None else self.source._version
+
+    async def step(self, ids: list[int], *, session: str | None = None) -> dict[str, Any]:
+        """Next-token logits after ``ids`` for this replica's perspective (``PerspectiveModel``, ``BaseModel``)."""
+        (out,) = await self.batcher.submit([Row(session_key(session, self.perspective), ids, self.perspective)])
+        return {"logits": out.logits, "ran": out.ran, "hit": out.hit, "version": self._version()}
+
+    async def step_rows(self, ids: list[int], perspectives: list[str | None], *, session: str | None = None):
+        """``FusedPlural``: next-token logits ``[rows, vocab]`` after ``ids`` for each of ``perspectives``."""
+        group = session if session is not None else uuid.uuid4().hex
+        rows = [Row(session_key(session, p), ids, p, group) for p in perspectives]
+        outs = await self.batcher.submit(rows)
+        return {
+            "logits": np.stack([o.logits for o in outs]),
+            "ran": [o.ran for o in outs],
+            "hit": [o.hit for o in outs],
+            "version": self._version(),
+        }
+
+    async def release(self, session: str) -> int:
+        """Drop a finished session's caches (best effort; the TTL drops what is never released)."""
+        keys = [session_key(session, p) for p in self._perspectives()] + [f"{session}/#fused"]
+        return sum(self.engine.cache.drop(k) for k in keys if k is not None)
+
+    def _perspectives(self) -> list[str | None]:
+        if not self.fused:
+            return [self.perspective]
+        return [*self.source.current().vector_set.perspectives, None]  # type: ignore[union-attr]
+
+    async def stats(self) -> dict[str, Any]:
+        """Memory and counters of this replica (what the benchmark and ``/metrics`` report)."""
+        params = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        sae = self.source.sae if self.source is not None else None
+        return {
+            "deployment": self.name,
+            "pid": os.getpid(),
+            "rss_bytes": process_memory(),
+            "param_bytes": params,
+            "sae_bytes": 0 if sae is None else sum(t.numel() * t.element_size() for t in sae.parameters()),
+            "sessions": len(self.engine.cache),
+            "cache_bytes": self.engine.cache.nbytes(),
+            "load_seconds": self.load_seconds,
+            "threads": torch.get_num_threads(),
+            "shared_trunk": self.shared_trunk,
+            "version": self._version(),
+            "batches": self.batcher.batches,
+            "batched_items": self.batcher.items,
+            **self.engine.counters,
+        }
+
+
+@serve.deployment(name=BASE)
+class BaseModel(ModelServer):
+    """The unsteered model."""
+
+    def __init__(self, cfg: dict[str, Any], threads: int = 1) -> None:
+        super().__init__(cfg, None, threads=threads)
+
+
+@serve.deployment(name=PERSPECTIVE)
+class PerspectiveModel(ModelServer):
+    """One perspective, steered; bound once per perspective as ``PerspectiveModel-<slug>``."""
+
+    def __init__(self, cfg: dict[str, Any], perspective: str, threads: int = 1) -> None:
+        super().__init__(cfg, perspective, threads=threads)
+
+
+@serve.deployment(name=FUSED)
+class FusedPlural(ModelServer):
+    """All perspectives (and the unsteered row) as rows of one batch on one model."""
+
+    def __init__(self, cfg: dict[str, Any], threads: int = 1) -> None:
+        super().__init__(cfg, None, fused=True, threads=threads)
+
+
+__all__ = ["BaseModel", "FusedPlural", "ModelServer", "PerspectiveModel", "VectorSource", "process_memory"]

@@ -1,0 +1,95 @@
+"""ServeConfig, the Serve config file and the RayService manifest agree with the app that build_app makes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cluster.manifests import serve_config_problems
+from pipelines.config import ConfigError
+from serve.app import config_from_args, cpus_needed, deployment_names
+from serve.config import ServeConfig, perspective_deployment, slug
+from tests.conftest import REPO
+
+
+def test_defaults_and_per_deployment_options() -> None:
+    cfg = ServeConfig.from_dict(
+        {
+            "vectors": "opinions",
+            "replica_cpus": 0.5,
+            "deployments": {
+                "PerspectiveModel": {"autoscaling_config": {"max_replicas": 6}},
+                "PerspectiveModel-united_states": {"ray_actor_options": {"num_gpus": 0.25}},
+                "BaseModel": {"num_replicas": 3},
+            },
+        }
+    )
+    us = cfg.deployment_options(perspective_deployment("United States"))
+    assert us["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 6, "target_ongoing_requests": 16.0}
+    assert us["ray_actor_options"] == {"num_cpus": 0.5, "num_gpus": 0.25}
+    assert cfg.deployment_options("PerspectiveModel-britain")["ray_actor_options"] == {"num_cpus": 0.5}
+    base = cfg.deployment_options("BaseModel")
+    assert base["num_replicas"] == 3 and "autoscaling_config" not in base
+    assert cfg.deployment_options("PluralAggregator")["ray_actor_options"] == {"num_cpus": 0.25}
+    assert (
+        slug("S. Africa") == "s_africa" and perspective_deployment("United States") == "PerspectiveModel-united_states"
+    )
+    names = deployment_names(cfg, ["United States", "Britain"])
+    assert names == ["PluralAggregator", "BaseModel", "PerspectiveModel-united_states", "PerspectiveModel-britain"]
+    fused = ServeConfig.from_dict({"vectors": "x", "backend": "fused"})
+    assert deployment_names(fused, ["a"]) == ["PluralAggregator", "FusedPlural"]
+    assert cpus_needed(cfg, ["United States", "Britain"]) == pytest.approx(0.25 + 3 * 0.5 + 2 * 0.5)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({}, "vectors: a registry name is required"),
+        ({"vectors": "x", "deployments": {"Aggregator": {}}}, "unknown deployment 'Aggregator'"),
+        ({"vectors": "x", "deployments": {"BaseModel": {"replicas": 2}}}, "unknown option(s) ['replicas']"),
+        (
+            {
+                "vectors": "x",
+                "deployments": {"BaseModel": {"autoscaling_config": {"min_replicas": 3, "max_replicas": 1}}},
+            },
+            "deployments.BaseModel.autoscaling_config",
+        ),
+        ({"vectors": "x", "perspectives": ["S. Africa", "S Africa"]}, "share a deployment name"),
+        ({"vectors": "x", "min_replicas": 3, "max_replicas": 2}, "need 0 <= min <= max"),
+        ({"vectors": "x", "backend": "mixed"}, "backend: must be one of"),
+        ({"vectors": "x", "default_max_tokens": 600}, "default_max_tokens"),
+    ],
+)
+def test_bad_configs_name_the_field(data: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        ServeConfig.from_dict(data)
+    assert message in str(err.value)
+
+
+def _app_and_names(serve_config: dict) -> tuple[dict, set[str]]:
+    (app,) = serve_config["applications"]
+    cfg = config_from_args(app["args"])
+    return app, set(deployment_names(cfg, cfg.perspectives))
+
+
+@pytest.mark.parametrize("where", ["serve/serve_config.yaml", "cluster/k8s/rayservice.yaml"])
+def test_serve_configs_match_the_app(where: str) -> None:
+    doc = yaml.safe_load((REPO / where).read_text())
+    text = doc["spec"]["serveConfigV2"] if where.endswith("rayservice.yaml") else (REPO / where).read_text()
+    assert serve_config_problems(text, where) == []
+    app, names = _app_and_names(yaml.safe_load(text))
+    assert app["import_path"] == "serve.app:build_app"
+    assert {d["name"] for d in app["deployments"]} == names  # every deployment is configured, none is unknown
+    cfg = config_from_args(app["args"])
+    assert cfg.vectors == "globalopinionqa-sae-fine" and cfg.perspectives == ["United States", "Britain", "Singapore"]
+
+
+def test_app_args_take_a_config_file_and_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "serve.yaml"
+    path.write_text("vectors: opinions\nmax_tokens_limit: 64\nperspectives: [A, B]\n")
+    cfg = config_from_args({"config": str(path), "max_tokens_limit": "32", "backend": "fused", "vectors": "1984"})
+    assert (cfg.max_tokens_limit, cfg.backend, cfg.perspectives, cfg.vectors) == (32, "fused", ["A", "B"], "1984")
+    with pytest.raises(ConfigError, match="does not exist"):
+        config_from_args({"config": str(tmp_path / "missing.yaml")})
