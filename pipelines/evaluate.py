@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -73,6 +74,7 @@ class EvalConfig(StageConfig):
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
     conditions: list[str] = field(default_factory=lambda: list(ALL_CONDITIONS))
     limit: int = 0  # test records per perspective (seeded, stratified); 0: the full test sets
+    task_limits: dict = field(default_factory=dict)  # task -> its own limit, used only when limit > 0
     max_perspectives: int = 10  # evaluated perspectives per task (most training samples first); 0: all
     perspectives: dict = field(default_factory=dict)  # task -> explicit list of perspectives
     samples: int = 50  # feedback pairs per perspective for the vectors (train split)
@@ -133,6 +135,8 @@ class EvalConfig(StageConfig):
         check(self.from_position >= 0, "from_position: must be >= 0")
         for task in self.task_coeffs:
             check(task in TASKS, f"task_coeffs: unknown task {task!r}")
+        for task, n in self.task_limits.items():
+            check(task in TASKS and isinstance(n, int) and n > 0, f"task_limits: {task}: {n} (a task and a limit > 0)")
         for task in self.perspectives:
             check(task in TASKS, f"perspectives: unknown task {task!r}")
 
@@ -167,7 +171,8 @@ def load_task(cfg: EvalConfig, name: str) -> TaskData:
     """The test records of ``name`` (subsampled with ``cfg.limit``) and what prompts need from train."""
     from pipelines.datasets import load_records
 
-    return make_task(cfg, name, load_records(name, "train"), load_records(name, "test"), cfg.limit)
+    limit = int(cfg.task_limits.get(name, cfg.limit)) if cfg.limit else 0
+    return make_task(cfg, name, load_records(name, "train"), load_records(name, "test"), limit)
 
 
 def make_task(
@@ -538,6 +543,16 @@ class EvalResult:
     run: dict[str, Any]
 
 
+def set_digest(vs: Any) -> str:
+    """A hash of a vector set's vectors and metadata, its creation time left out (reruns rebuild the sets)."""
+    meta = {k: v for k, v in dataclasses.asdict(vs.meta).items() if k != "created"}
+    h = hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode())
+    for p, v in vs.vectors.items():
+        h.update(p.encode())
+        h.update(v.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def _log_sae_artifact(tracker: Any, path: Path, name: str) -> None:
     """An SAE directory as a W&B artifact by reference (checksummed, not copied)."""
     if tracker.run is None:
@@ -602,7 +617,7 @@ def run_evaluate(cfg: EvalConfig, *, echo: Callable[[str], None] = print) -> Eva
         "resume": cfg.resume_from_layer,
     }  # fmt: skip
     decisive = {k: v for k, v in spec.items() if k not in ("vectors", "threads", "actors_per_node")}
-    decisive["vectors"] = {k: hashlib.sha256(v).hexdigest() for k, v in spec["vectors"].items()}
+    decisive["vectors"] = {k: set_digest(vs) for k, vs in sets.items()}
     digest = plan_hash(units, decisive)
     cfg.out.mkdir(parents=True, exist_ok=True)
     with Tracker(
@@ -665,7 +680,8 @@ def write_outputs(cfg, tasks, conditions, rows, comparisons, predictions, run) -
         findings(comparisons),
     ]
     for t in tasks:
-        sample = "the full test set" if not cfg.limit else f"a seeded subsample of ≤{cfg.limit} records per perspective"
+        limit = cfg.task_limits.get(t.name, cfg.limit)
+        sample = "the full test set" if not cfg.limit else f"a seeded subsample of ≤{limit} records per perspective"
         sizes = ", ".join(f"{p} {n}/{t.available[p]}" for p, n in t.sizes.items())
         coeff = next((c.steer.coeff for c in conditions[t.name] if c.steer is not None), None)
         lines += [
