@@ -543,6 +543,20 @@ class EvalResult:
     run: dict[str, Any]
 
 
+def sae_facts(cfg: EvalConfig, keys: Sequence[str]) -> dict[str, Any]:
+    """Path, weights hash and training metrics of each SAE the run steered with."""
+    from sae.atomic import sha256_file
+    from sae.model import WEIGHTS_FILE
+
+    out: dict[str, Any] = {}
+    for size in sorted({k.split("-")[0] for k in keys} - {"caa"}):
+        path = Path(getattr(cfg, f"sae_{size}"))
+        training = path / "training.json"
+        metrics = json.loads(training.read_text()).get("final_metrics") if training.exists() else None
+        out[size] = {"path": str(path), "sha256": sha256_file(path / WEIGHTS_FILE), "metrics": metrics}
+    return out
+
+
 def set_digest(vs: Any) -> str:
     """A hash of a vector set's vectors and metadata, its creation time left out (reruns rebuild the sets)."""
     meta = {k: v for k, v in dataclasses.asdict(vs.meta).items() if k != "created"}
@@ -632,6 +646,7 @@ def run_evaluate(cfg: EvalConfig, *, echo: Callable[[str], None] = print) -> Eva
             "vector_seconds": round(vector_seconds, 1), "unit_seconds": round(unit_stats["seconds"], 1),
             "planned_tokens": planned, "unit_stats": unit_stats, "layer": layer, "plan_hash": digest,
             "sizes": sizes, "vectors": vector_info, "device": device, "num_actors": cfg.num_actors,
+            "saes": sae_facts(cfg, keys),
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
             "ray": ray.__version__, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }  # fmt: skip
