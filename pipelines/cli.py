@@ -131,9 +131,41 @@ def explain(
 
 
 @app.command()
-def evaluate(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+def evaluate(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    limit: Annotated[int | None, typer.Option(help="test records per perspective (a smoke run); 0: all")] = None,
+    sweep: Annotated[bool, typer.Option("--sweep", help="sweep layer and coefficient on the train split")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="plan and count tokens, run nothing")] = False,
+) -> None:
     """Run the paper's experiment protocol and write tables, plots and W&B runs."""
-    _not_built("evaluate", 8)
+    from pipelines.config import ConfigError
+    from pipelines.evaluate import EvalConfig, run_evaluate
+    from pipelines.prompts import PromptError
+    from pipelines.records import DataError
+    from pipelines.registry import RegistryError
+    from sae.lm import ModelNotFoundError
+    from sae.model import SAEFormatError
+    from sae.vectorset import VectorSetError
+
+    overrides = list(set_ or [])
+    if limit is not None:
+        overrides.append(f"limit={limit}")
+    if dry_run:
+        overrides.append("dry_run=true")
+    errors = (ConfigError, DataError, PromptError, RegistryError, ModelNotFoundError, SAEFormatError, VectorSetError)
+    try:
+        cfg = EvalConfig.load(config, overrides)
+        if sweep:
+            from pipelines.sweep import run_sweep
+
+            run_sweep(cfg)
+        else:
+            run_evaluate(cfg)
+    except errors as err:
+        _fail(str(err))
+    except KeyboardInterrupt:
+        _fail("interrupted: finished units are kept in the work directory; rerun the same command to resume", 130)
 
 
 @app.command()

@@ -223,11 +223,16 @@ def build_prompt(
     feedback: str | None = None,
     feedback_source: FeedbackSource = "auto",
     readout: ReadoutRule = "last",
+    persona: bool | str = True,
+    context: str | None = None,
 ) -> Prompt:
     """The prompt for ``record`` under ``condition``.
 
     ``few-shot`` needs ``shots`` (solved records, usually the same perspective's training records);
-    ``with-feedback`` uses ``feedback`` if given, else :func:`feedback_text` of the record.
+    ``with-feedback`` uses ``feedback`` if given, else :func:`feedback_text` of the record. ``persona``:
+    ``True`` names the record's own perspective (where the task has a persona), ``False`` names none (a
+    neutral prompt), a string names that perspective instead. ``context`` (e.g. a legal hate-speech
+    definition) is put before the question.
     """
     if condition not in CONDITIONS:
         raise PromptError(f"condition must be one of {CONDITIONS}, got {condition!r}")
@@ -248,8 +253,12 @@ def build_prompt(
         feedback = found[0]
     elif condition != "with-feedback" and feedback is not None:
         raise PromptError(f"feedback is only used by condition 'with-feedback', not {condition!r}")
-    system = spec.persona.format(perspective=record.perspective) if spec.persona else None
-    text, templated = _render(tokenizer, system, turns, _user_message(spec, record, feedback))
+    who = record.perspective if persona is True else (persona or None)
+    system = spec.persona.format(perspective=who) if spec.persona and who else None
+    user = _user_message(spec, record, feedback)
+    if context:
+        user = f"{context.strip()}\n\n{user}"
+    text, templated = _render(tokenizer, system, turns, user)
     return Prompt(text, task, condition, labels_of(task, record), readout, templated)
 
 

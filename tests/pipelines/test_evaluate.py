@@ -1,0 +1,153 @@
+"""Evaluation on the embedded model with the TEST FIXTURE SAE (tests/sae_fixture.py): the model actor, and a
+smoke run of every task under every condition through Ray (tiny limits; the fixture SAE fills both the 8x
+and the 32x slot)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.datasets import load_records
+from pipelines.eval_plan import ALL_CONDITIONS, SteerSpec, UnitBuilder
+from pipelines.evaluate import EvalConfig, run_evaluate
+from pipelines.prompts import build_prompt, label_token_ids, option_probs
+from sae.lm import model_name
+from sae.vectorset import VectorSet, VectorSetMeta, sae_fingerprint
+from serve.decoding import Decoding, plural_next_token
+
+TASKS = ("globalopinionqa", "crehate", "mislc", "crowd_truthfulness")
+
+
+def _vector_set(model, sae, seed: int = 0) -> VectorSet:
+    g = torch.Generator().manual_seed(seed)
+    vectors = {p: torch.rand(sae.d_sae, generator=g) * (torch.rand(sae.d_sae, generator=g) < 0.01) for p in "ab"}
+    meta = VectorSetMeta(
+        model=model_name(model), layer=15, mode="sae", granularity="fine", task="mislc", n_samples={"a": 1, "b": 1},
+        readout="last", dim=sae.d_sae, sae_fingerprint=sae_fingerprint(sae),
+    )  # fmt: skip
+    return VectorSet(vectors, meta)
+
+
+def test_worker_rows_resume_exactly_and_pd_matches_the_fused_decoder(embedded, embedded_sae, data_root) -> None:
+    from pipelines.eval_worker import EvalWorker
+
+    model, tok = embedded
+    vs = _vector_set(model, embedded_sae.sae)
+    record = load_records("mislc", "test", data_root)[0]
+    prompt = build_prompt(tok, "mislc", record)
+    b = UnitBuilder(0, "mislc")
+    spec = SteerSpec("8x-fine", "sae", 4.0)
+    rows = [b.row(prompt, spec, p) for p in "ab"]
+    b.output("steered-a", rows[:1], record.options)
+    b.output("pd", rows, record.options, base=b.row(prompt), decoding={"mode": "dvd", "alpha": 0.2})
+    b.output("plain", [b.row(prompt)], record.options)
+    worker_spec = {"model": "embedded", "layer": 15, "saes": {"8x": str(embedded_sae.path)},
+                   "vectors": {"mislc/8x-fine": vs.to_bytes()}, "threads": 2}  # fmt: skip
+    resumed = EvalWorker(worker_spec)
+    assert resumed.resume
+    out = resumed.run_unit(b.unit)
+    full = EvalWorker({**worker_spec, "resume": False}).run_unit(b.unit)
+    assert out["stats"]["tokens_resumed"] > 0 and full["stats"]["tokens_resumed"] == 0
+    for key in ("steered-a", "pd", "plain"):
+        np.testing.assert_allclose(out["outputs"][key]["probs"], full["outputs"][key]["probs"], atol=1e-4)
+    assert not np.allclose(out["outputs"]["steered-a"]["probs"], out["outputs"]["plain"]["probs"], atol=1e-3)
+    enc = tok([prompt.text], return_tensors="pt", add_special_tokens=False)
+    fused = plural_next_token(
+        model, enc["input_ids"], enc["attention_mask"], vs, ["a", "b"], Decoding("dvd", alpha=0.2),
+        embedded_sae.sae, coeff=4.0,
+    )  # fmt: skip
+    expected, _ = option_probs(fused, label_token_ids(tok, record.options))
+    np.testing.assert_allclose(out["outputs"]["pd"]["probs"], expected[0].numpy(), atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory, embedded_sae):
+    """One run of all tasks × all conditions: 2 perspectives, 2 records each, 4 vector samples each."""
+    import ray
+
+    root = tmp_path_factory.mktemp("evaluate")
+    cfg = EvalConfig.load(None, [
+        f"sae_8x={embedded_sae.path}", f"sae_32x={embedded_sae.path}", "limit=2", "samples=4",
+        "max_perspectives=2", "pd_k_classify=2", "pd_k_distribution=2", "bootstrap=200", "items_per_unit=16",
+        f"out={root / 'results'}", f"work_dir={root / 'work'}", "coeff=4",
+    ])  # fmt: skip
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        first = run_evaluate(cfg, echo=lambda _: None)
+        lines: list[str] = []
+        again = run_evaluate(cfg, echo=lines.append)
+    finally:
+        ray.shutdown()
+    return cfg, first, again, lines
+
+
+def test_smoke_run_scores_every_task_condition_and_perspective(smoke) -> None:
+    cfg, first, _, _ = smoke
+    rows = [json.loads(line) for line in (cfg.out / "rows.jsonl").read_text().splitlines()]
+    assert rows == json.loads(json.dumps(first.rows))
+    for task in TASKS:
+        mine = [r for r in rows if r["task"] == task]
+        assert {r["condition"] for r in mine} == set(ALL_CONDITIONS)
+        pooled = [r for r in mine if r["perspective"] == "all"]
+        assert len(pooled) == len(ALL_CONDITIONS) and all(r["n"] == 4 for r in pooled)
+        assert len(mine) == 3 * len(ALL_CONDITIONS)  # two perspectives + pooled
+        primary = "macro_f1" if task in ("crehate", "mislc") else "jsd"
+        for r in pooled:
+            assert r[f"{primary}_lo"] <= r[primary] + 1e-12 and r[primary] <= r[f"{primary}_hi"] + 1e-12
+            assert (f"{primary}_delta" in r) == (r["condition"] != "zero-shot")
+    table = (cfg.out / "table.md").read_text()
+    assert all(f"## {t} " in table for t in TASKS) and "## The paper's findings" in table
+    assert all((cfg.out / f"{t}-conditions.png").stat().st_size > 1000 for t in TASKS)
+    run = json.loads((cfg.out / "run.json").read_text())
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
+    assert run["git"]["commit"] == head.stdout.strip() and run["sizes"]["crehate"]["evaluated"]
+    assert EvalConfig.load(cfg.out / "config.yaml").to_dict() == cfg.to_dict()
+    assert list((cfg.work / "wandb").glob("offline-run-*"))
+
+
+def test_smoke_run_conditions_behave_as_their_math_says(smoke) -> None:
+    cfg, _, _, _ = smoke
+    preds: dict[tuple[str, str], list[float]] = {}
+    for line in (cfg.out / "predictions.jsonl").read_text().splitlines():
+        p = json.loads(line)
+        preds[(p["condition"], f"{p['task']}|{p['id']}")] = p["probs"]
+    keys = sorted({k for _, k in preds})
+
+    def probs(condition: str) -> np.ndarray:
+        return np.concatenate([preds[(condition, k)] for k in keys])
+
+    # keep_error=True with a linear decoder: SAE steering equals adding v W_dec to the residual
+    np.testing.assert_allclose(probs("steer-8x-fine"), probs("residual-8x-fine"), atol=2e-3)
+    np.testing.assert_allclose(probs("steer-8x-fine"), probs("steer-32x-fine"), atol=1e-6)  # same SAE in both slots
+    assert np.abs(probs("steer-8x-fine") - probs("zero-shot")).max() > 0.01  # steering acts
+    assert np.abs(probs("steer-8x-fine") - probs("ref-steer-8x-fine")).max() > 0.01  # so does dropping the error
+
+
+def test_a_rerun_reuses_every_finished_unit(smoke) -> None:
+    _, first, again, lines = smoke
+    assert any("0 to run" in line for line in lines)
+    assert again.rows == first.rows
+
+
+def test_cli_reports_config_errors_and_plans_a_dry_run(embedded_sae, tmp_path) -> None:
+    exe = shutil.which("pluristeer") or str(Path(sys.executable).parent / "pluristeer")
+    env = {**os.environ, "COLUMNS": "200"}
+    bad = subprocess.run([exe, "evaluate", "--set", "tasks=nope"], capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "tasks: unknown ['nope']" in bad.stderr and "Traceback" not in bad.stderr
+    missing = subprocess.run([exe, "evaluate", "--limit", "1"], capture_output=True, text=True, env=env)
+    assert missing.returncode == 2 and "sae_8x: not set" in missing.stderr
+    plan = subprocess.run(
+        [exe, "evaluate", "--dry-run", "--limit", "1", "--set", f"sae_8x={embedded_sae.path}",
+         "--set", f"sae_32x={embedded_sae.path}", "--set", "tasks=mislc", "--set", f"out={tmp_path / 'r'}"],
+        capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    assert plan.returncode == 0, plan.stderr
+    assert "mislc: " in plan.stdout and "full-forward tokens" in plan.stdout and not (tmp_path / "r").exists()
