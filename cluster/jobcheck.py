@@ -14,6 +14,7 @@ import json
 import os
 import re
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -171,7 +172,7 @@ def submit_train(head: LocalHead, train_args: Sequence[str], *, env: dict[str, s
     if final is None:
         match = re.search(rf"Status for job '{job_id}': (\w+)", text)
         final = match[1] if match else "UNKNOWN"
-    return final, f"$ {' '.join(submit[:5])} ... -- {' '.join(submit[7:])}\n{proc.stdout}{proc.stderr}"
+    return final, f"$ {shlex.join(submit)}\n{proc.stdout}{proc.stderr}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
