@@ -139,7 +139,9 @@ def cluster_spec_problems(spec: dict[str, Any], where: str, name: str, pins: Pin
     return problems
 
 
-STAGE_ENTRYPOINT = re.compile(r"^pluristeer (collect|train|vectors|evaluate) .*--set ray_address=auto\b")
+STAGE_ENTRYPOINT = re.compile(
+    r"^pluristeer (collect|train|vectors|evaluate) .*(--address[ =]auto|--set ray_address=auto)\b"
+)
 
 
 def rayjob_problems(spec: dict[str, Any], where: str, name: str, pins: Pins) -> list[str]:
@@ -157,7 +159,7 @@ def rayjob_problems(spec: dict[str, Any], where: str, name: str, pins: Pins) -> 
     ):
         problems.append(
             f"{where}.entrypoint: {spec.get('entrypoint')!r} must run a stage and join the cluster: "
-            "'pluristeer <stage> ... --set ray_address=auto'"
+            "'pluristeer <stage> ... --address auto'"
         )
     if spec.get("ttlSecondsAfterFinished", 0) < 0:
         problems.append(f"{where}.ttlSecondsAfterFinished: must be >= 0")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -19,13 +20,40 @@ ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML con
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a config field: --set field=value")]
 
 
+def _check_address(address: str | None) -> str | None:
+    from pipelines.raycluster import RayAddressError, check_address
+
+    try:
+        return check_address(address)
+    except RayAddressError as err:
+        raise typer.BadParameter(str(err)) from None
+
+
+AddressOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--address",
+        help="Ray cluster to run on: auto, ray://host:10001 or host:6379 (sets ray_address; default: a local Ray)",
+        callback=_check_address,
+    ),
+]
+
+
+def _overrides(set_: list[str] | None, address: str | None) -> list[str]:
+    """``--set`` overrides plus ``ray_address`` from ``--address`` (quoted: YAML would read some as numbers)."""
+    overrides = list(set_ or [])
+    if address is not None:
+        overrides.append(f"ray_address={json.dumps(address)}")
+    return overrides
+
+
 def _fail(message: str, code: int = 2) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
 
 
 @app.command()
-def collect(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+def collect(config: ConfigOpt = None, set_: SetOpt = None, address: AddressOpt = None) -> None:
     """Collect residual-stream activations from a corpus into a sharded store (Ray Data); reruns resume."""
     from pipelines.collect import CollectConfig
     from pipelines.collect import collect as run_collect
@@ -35,7 +63,7 @@ def collect(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     from sae.lm import ModelNotFoundError
 
     try:
-        cfg = CollectConfig.load(config, set_ or [])
+        cfg = CollectConfig.load(config, _overrides(set_, address))
         result = run_collect(cfg)
     except (ConfigError, StoreError, DataError, ModelNotFoundError) as err:
         _fail(str(err))
@@ -50,7 +78,7 @@ def collect(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 
 
 @app.command()
-def train(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+def train(config: ConfigOpt = None, set_: SetOpt = None, address: AddressOpt = None) -> None:
     """Train sparse autoencoders (8x, 32x, ...) on an activation store (Ray Train)."""
     from pipelines.config import ConfigError
     from pipelines.records import DataError
@@ -60,7 +88,7 @@ def train(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     from sae.model import SAEFormatError
 
     try:
-        cfg = TrainConfig.load(config, set_ or [])
+        cfg = TrainConfig.load(config, _overrides(set_, address))
         result = run_train(cfg)
     except (ConfigError, StoreError, DataError, ModelNotFoundError, SAEFormatError) as err:
         _fail(str(err))
@@ -77,7 +105,7 @@ def train(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 
 
 @app.command()
-def vectors(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+def vectors(config: ConfigOpt = None, set_: SetOpt = None, address: AddressOpt = None) -> None:
     """Derive per-perspective steering vectors from ≤50 samples and publish them."""
     from pipelines.config import ConfigError
     from pipelines.prompts import PromptError
@@ -90,7 +118,7 @@ def vectors(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 
     errors = (ConfigError, DataError, PromptError, RegistryError, ModelNotFoundError, SAEFormatError, VectorSetError)
     try:
-        run_vectors(VectorConfig.load(config, set_ or []))
+        run_vectors(VectorConfig.load(config, _overrides(set_, address)))
     except errors as err:
         _fail(str(err))
 
@@ -106,7 +134,10 @@ def explain(
     contexts: Annotated[int, typer.Option(help="contexts per feature")] = 5,
     max_tokens: Annotated[int, typer.Option(help="tokens to scan")] = 20_000,
     out: Annotated[Path | None, typer.Option(help="also write a Markdown report here")] = None,
-    ray_address: Annotated[str | None, typer.Option(help="Ray cluster of the registry (for registry keys)")] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option("--address", "--ray-address", help="Ray cluster of the registry", callback=_check_address),
+    ] = None,
     relative: Annotated[bool, typer.Option(help="explain v_p minus the set's mean: what sets p apart")] = False,
 ) -> None:
     """Show a steering vector's top SAE features and the corpus contexts that activate them."""
@@ -130,6 +161,7 @@ def explain(
 def evaluate(
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    address: AddressOpt = None,
     limit: Annotated[int | None, typer.Option(help="test records per perspective (a smoke run); 0: all")] = None,
     sweep: Annotated[bool, typer.Option("--sweep", help="sweep layer and coefficient on the train split")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="plan and count tokens, run nothing")] = False,
@@ -144,7 +176,7 @@ def evaluate(
     from sae.model import SAEFormatError
     from sae.vectorset import VectorSetError
 
-    overrides = list(set_ or [])
+    overrides = _overrides(set_, address)
     if limit is not None:
         overrides.append(f"limit={limit}")
     if dry_run:
@@ -165,7 +197,7 @@ def evaluate(
 
 
 @app.command()
-def serve(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+def serve(config: ConfigOpt = None, set_: SetOpt = None, address: AddressOpt = None) -> None:
     """Serve steered perspectives and pluralistic decoding over HTTP (Ray Serve); Ctrl-C stops it."""
     from pipelines.config import ConfigError
     from pipelines.registry import RegistryError
@@ -175,7 +207,7 @@ def serve(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     from serve.config import ServeConfig
 
     try:
-        run_serve(ServeConfig.load(config, set_ or []), echo=typer.echo)
+        run_serve(ServeConfig.load(config, _overrides(set_, address)), echo=typer.echo)
     except (ConfigError, RegistryError, ModelNotFoundError, VectorSetError, RuntimeError) as err:
         _fail(str(err))  # RuntimeError: no API keys (serve.auth.AuthError), or Serve could not deploy
 

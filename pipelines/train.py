@@ -61,6 +61,8 @@ class TrainConfig(StageConfig):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     workers: int = 1
     cpus_per_worker: float = 1.0
+    worker_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per worker (placement)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"  # of the workers' bundles
     use_gpu: bool = False
     deepspeed: bool = False
     zero_stage: int = 1
@@ -87,6 +89,10 @@ class TrainConfig(StageConfig):
             f"batch_size ({self.batch_size}) must be divisible by workers ({self.workers})",
         )
         check(self.cpus_per_worker > 0, f"cpus_per_worker must be positive, got {self.cpus_per_worker}")
+        bad = {k: v for k, v in self.worker_resources.items() if not isinstance(v, int | float) or v < 0}
+        check(not bad, f"worker_resources must map resource names to amounts >= 0, got {bad}")
+        reserved = sorted(set(self.worker_resources) & {"CPU", "GPU"})
+        check(not reserved, f"worker_resources: set {reserved} through cpus_per_worker / use_gpu instead")
         check(self.tokens >= 0 and self.epochs > 0, "tokens must be >= 0 and epochs > 0")
         check(self.zero_stage in (0, 1, 2), f"zero_stage must be 0, 1 or 2, got {self.zero_stage}")
         check(self.checkpoint_every >= 1 and self.log_every >= 1, "checkpoint_every and log_every must be >= 1")
@@ -295,6 +301,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     tcfg = cfg.trainer_config(len(store))
     trainer = SAETrainer(cfg.specs(), store.d_model, tcfg, normalizer=_normalizer(store, layer), device=device)
     local_batch = cfg.batch_size // world
+    worker_nodes = _worker_nodes(world)
     engine = None
     if cfg.deepspeed:
         import deepspeed
@@ -353,6 +360,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             }
             if tracker is not None:
                 tracker.log(metrics, step=trainer.step)
+            metrics["worker_nodes"] = worker_nodes  # after W&B: where the ranks run, for the driver's record
             if not save:
                 ray.train.report(metrics)
                 continue
@@ -366,6 +374,19 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     finally:
         if tracker is not None:
             tracker.finish()
+
+
+def _worker_nodes(world: int) -> list[str]:
+    """The Ray node id of every rank, in rank order (one all-gather over the process group)."""
+    import ray
+    import torch.distributed as dist
+
+    node = ray.get_runtime_context().get_node_id()
+    if world == 1 or not dist.is_initialized():
+        return [node]
+    nodes: list[Any] = [None] * world
+    dist.all_gather_object(nodes, node)
+    return [str(n) for n in nodes]
 
 
 # -- the driver ------------------------------------------------------------------------------------------
@@ -387,7 +408,10 @@ def run_train(cfg: TrainConfig) -> TrainResult:
         train_loop_config={"cfg": cfg_dict},
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
+            num_workers=cfg.workers,
+            use_gpu=cfg.use_gpu,
+            resources_per_worker={"CPU": cfg.cpus_per_worker, **cfg.worker_resources},
+            placement_strategy=cfg.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
             name=cfg.run_name(layer),
@@ -465,6 +489,7 @@ def export_saes(
                 "normalizer_scale": trainer.normalizer.scale,
                 "final_metrics": metrics[name],
                 "throughput": {k: final_metrics[k] for k in ("tokens_per_s", "mfu") if k in final_metrics},
+                "worker_nodes": final_metrics.get("worker_nodes", []),
                 "store": {
                     "path": str(store.root),
                     "manifest_sha256": sha256_file(store.root / MANIFEST),

@@ -16,6 +16,7 @@ import uuid
 from typing import Any
 
 import numpy as np
+import ray
 import torch
 from ray import serve
 
@@ -193,6 +194,7 @@ class ModelServer:
         return {
             "deployment": self.name,
             "pid": os.getpid(),
+            "node_id": ray.get_runtime_context().get_node_id(),
             "rss_bytes": process_memory(),
             "param_bytes": params,
             "sae_bytes": 0 if sae is None else sum(t.numel() * t.element_size() for t in sae.parameters()),

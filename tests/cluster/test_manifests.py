@@ -65,7 +65,7 @@ def test_manifest_set_is_complete() -> None:
     }
     for stage in ("collect", "train", "evaluate"):
         entry = _load(f"rayjob-{stage}.yaml")["spec"]["entrypoint"]
-        assert entry.startswith(f"pluristeer {stage} --config ") and entry.endswith("--set ray_address=auto")
+        assert entry.startswith(f"pluristeer {stage} --config ") and entry.endswith("--address auto")
     # the evaluate job runs on the long-lived RayCluster by name
     assert _load("rayjob-evaluate.yaml")["spec"]["clusterSelector"] == {"ray.io/cluster": "pluristeer"}
 

@@ -1,0 +1,226 @@
+"""collect -> train -> serve on one local 3-node Ray cluster (``ray.cluster_utils.Cluster``: a head and two worker
+nodes marked by custom resources ``node_a`` / ``node_b`` and a shared ``slot``), each stage spread over the two
+worker nodes and checked against the same stage confined to one node. Tiny random Llama (``tiny_lm_dir``)."""
+
+from __future__ import annotations
+
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from pipelines.collect import CollectConfig, collect
+from pipelines.store import ActivationStore
+from pipelines.train import TrainConfig, TrainResult, run_train
+from sae.model import SparseAutoencoder
+
+KEY = "multinode-test-key"
+LAYER = 2
+
+
+@dataclass
+class Nodes:
+    address: str
+    head: str
+    a: str
+    b: str
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    import ray
+    from ray.cluster_utils import Cluster
+
+    patch = pytest.MonkeyPatch()
+    patch.setenv("PLURISTEER_API_KEYS", KEY)  # before the nodes start: serve replicas inherit it
+    if ray.is_initialized():
+        ray.shutdown()
+    t0 = time.perf_counter()
+    # no dashboard: Ray Train's placement-group cleaner then finds no State API and leaves the workers alone
+    # (with one, it may ask another Ray's dashboard on this shared machine, see the controller alive nowhere
+    # and remove the run's placement group)
+    c = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 1, "resources": {"head": 1}, "include_dashboard": False},
+    )
+    a = c.add_node(num_cpus=1, resources={"node_a": 1, "slot": 1})
+    b = c.add_node(num_cpus=1, resources={"node_b": 1, "slot": 1})
+    c.wait_for_nodes()
+    ray.init(address=c.address, log_to_driver=False)
+    print(f"3-node cluster up in {time.perf_counter() - t0:.1f} s")
+    try:
+        yield Nodes(c.address, c.head_node.node_id, a.node_id, b.node_id)
+    finally:
+        from ray import serve
+
+        serve.shutdown()
+        ray.shutdown()
+        c.shutdown()
+        patch.undo()
+
+
+def _collect_cfg(tiny_lm_dir: Path, data_root: Path, out: Path, address: str, **kw: Any) -> CollectConfig:
+    base = {
+        "model": str(tiny_lm_dir), "layers": [LAYER], "context_size": 32, "n_tokens": 1500, "batch_size": 2,
+        "contexts_per_shard": 4, "out": out, "corpus": data_root / "corpus", "sources": ["ag_news"],
+        "actor_cpus": 0.5, "torch_threads": 1, "ray_address": address, "wandb": False,
+    }  # fmt: skip
+    return CollectConfig.from_dict({**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def stores(cluster: Nodes, tiny_lm_dir: Path, data_root: Path, tmp_path_factory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("multinode-stores")
+    spread = collect(
+        _collect_cfg(tiny_lm_dir, data_root, root / "spread", cluster.address, num_actors=2,
+                     actor_resources={"slot": 1}),  # one slot per worker node: one actor on each
+        echo=lambda _: None,
+    )  # fmt: skip
+    single = collect(
+        _collect_cfg(tiny_lm_dir, data_root, root / "single", cluster.address, num_actors=1,
+                     actor_resources={"node_a": 1}),
+        echo=lambda _: None,
+    )  # fmt: skip
+    return {"spread": spread, "single": single}
+
+
+def test_collection_actors_on_two_nodes_write_the_single_node_store(cluster: Nodes, stores) -> None:
+    spread, single = stores["spread"], stores["single"]
+    assert spread.nodes == {cluster.a, cluster.b} and single.nodes == {cluster.a}
+    assert {t["node"] for t in spread.shard_times} == {cluster.a, cluster.b}
+    x, y = ActivationStore(spread.out), ActivationStore(single.out)
+    x.verify()
+    y.verify()
+    assert len(x) == len(y) == 1500 and [s.rows for s in x.manifest.shards] == [s.rows for s in y.manifest.shards]
+    assert torch.equal(x.read(LAYER), y.read(LAYER))  # bit for bit
+    for column in ("token_id", "context", "position"):
+        np.testing.assert_array_equal(x.read_column(column), y.read_column(column))
+    sx, sy = x.manifest.stats[str(LAYER)], y.manifest.stats[str(LAYER)]  # merged in completion order
+    np.testing.assert_allclose(sx["mean"], sy["mean"], rtol=1e-5, atol=1e-6)
+
+
+def _train_cfg(store: Path, out: Path, address: str, **kw: Any) -> TrainConfig:
+    base = {
+        "store": str(store), "expansions": [2], "k": 4, "lr": 3e-3, "batch_size": 256, "epochs": 1, "workers": 2,
+        "cpus_per_worker": 0.5, "output_dir": str(out), "eval_tokens": 0, "track": False, "dead_tokens": 1024,
+        "ray_address": address, "seed": 3,
+    }  # fmt: skip
+    return TrainConfig.from_dict({**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def trained(cluster: Nodes, stores, tmp_path_factory) -> dict[str, TrainResult]:
+    root = tmp_path_factory.mktemp("multinode-train")
+    spread = run_train(
+        _train_cfg(stores["spread"].out, root / "spread", cluster.address, worker_resources={"slot": 1},
+                   placement_strategy="STRICT_SPREAD")
+    )  # fmt: skip
+    single = run_train(_train_cfg(stores["single"].out, root / "single", cluster.address,
+                                  worker_resources={"node_a": 0.5}))  # fmt: skip
+    return {"spread": spread, "single": single}
+
+
+def test_two_training_workers_on_two_nodes_train_the_single_node_sae(cluster: Nodes, trained) -> None:
+    spread, single = trained["spread"], trained["single"]
+    assert sorted(spread.report["worker_nodes"]) == sorted([cluster.a, cluster.b])  # rank 0 and 1 on each node
+    assert single.report["worker_nodes"] == [cluster.a, cluster.a]
+    assert spread.steps == single.steps == 1500 // 256 and spread.tokens == single.tokens
+    (name,) = spread.sae_dirs
+    x, y = SparseAutoencoder.load(spread.sae_dirs[name]), SparseAutoencoder.load(single.sae_dirs[name])
+    for key, value in x.state_dict().items():
+        assert torch.isfinite(value).all(), key
+        # the same data, seed, shards and gloo all-reduce of two ranks: equal up to float summation order
+        torch.testing.assert_close(value, y.state_dict()[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert torch.isfinite(torch.tensor(spread.metrics[name]["train"]["mse"]))
+    exact = all(torch.equal(v, y.state_dict()[k]) for k, v in x.state_dict().items())
+    print(f"multi-node SAE weights {'bit-identical to' if exact else 'within 1e-5 of'} the single-node run")
+
+
+def test_serve_replicas_on_two_nodes_answer_like_offline_decoding(
+    cluster: Nodes, trained, tiny_lm_dir: Path, tmp_path: Path
+) -> None:
+    from ray import serve
+
+    from pipelines.registry import RegistryClient
+    from sae.lm import load_lm, model_name
+    from sae.vectorset import VectorSet, VectorSetMeta, sae_file_hash, sae_fingerprint
+    from serve.app import build
+    from serve.config import ServeConfig
+    from serve.decoding import Decoding, plural_generate
+
+    (sae_dir,) = trained["spread"].sae_dirs.values()
+    sae = SparseAutoencoder.load(sae_dir)
+    model, tok = load_lm(str(tiny_lm_dir))
+    d_sae = sae.W_dec.shape[0]
+    gen = torch.Generator().manual_seed(0)
+    vectors = {}
+    for p in ("a", "b"):  # a few strong latents per perspective
+        v = torch.zeros(d_sae)
+        v[torch.randperm(d_sae, generator=gen)[:4]] = 8.0
+        vectors[p] = v
+    meta = VectorSetMeta(model=model_name(model), layer=LAYER, mode="sae", granularity="fine", task="test",
+                         n_samples={"a": 1, "b": 1}, readout="test", dim=d_sae, sae_path=str(sae_dir),
+                         sae_sha256=sae_file_hash(sae_dir), sae_fingerprint=sae_fingerprint(sae))  # fmt: skip
+    vs = VectorSet(vectors, meta)
+    RegistryClient(tmp_path / "registry").publish(vs, "multinode")
+    port = _free_port()
+    pin = {"head": {"head": 0.01}, "a": {"node_a": 0.01}, "b": {"node_b": 0.01}}
+    cfg = ServeConfig.from_dict(
+        {
+            "vectors": "multinode", "registry_dir": str(tmp_path / "registry"), "model": str(tiny_lm_dir),
+            "backend": "replicas", "port": port, "replica_cpus": 0.25, "aggregator_cpus": 0.1,
+            "max_tokens_limit": 12, "default_max_tokens": 6, "max_perspectives": 2, "max_prompt_tokens": 128,
+            "deployments": {
+                "PluralAggregator": {"num_replicas": 1, "ray_actor_options": {"resources": pin["head"]}},
+                "BaseModel": {"num_replicas": 1, "ray_actor_options": {"resources": pin["head"]}},
+                "PerspectiveModel-a": {"num_replicas": 1, "ray_actor_options": {"resources": pin["a"]}},
+                "PerspectiveModel-b": {"num_replicas": 1, "ray_actor_options": {"resources": pin["b"]}},
+            },
+        }
+    )  # fmt: skip
+    # one HTTP proxy, on the head: every node of a local cluster shares 127.0.0.1 and would bind the same port
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build(cfg), name=cfg.app_name, route_prefix="/")
+    nodes = {
+        name: serve.get_deployment_handle(name, app_name=cfg.app_name).stats.remote().result()["node_id"]
+        for name in ("PerspectiveModel-a", "PerspectiveModel-b", "BaseModel")
+    }
+    assert nodes == {"PerspectiveModel-a": cluster.a, "PerspectiveModel-b": cluster.b, "BaseModel": cluster.head}
+
+    prompt = "The weather in the mountains today is"
+    offline = plural_generate(model, tok, [prompt], vs, ["a", "b"], Decoding("dvd"), sae, max_new_tokens=6)
+    r = httpx.post(
+        f"http://127.0.0.1:{port}/v1/completions",
+        json={"prompt": prompt, "max_tokens": 6, "temperature": 0, "logprobs": 1},
+        headers={"Authorization": f"Bearer {KEY}"},
+        timeout=120,
+    )
+    assert r.status_code == 200, r.text
+    (choice,) = r.json()["choices"]
+    assert [s["id"] for s in choice["distributions"]] == offline.tokens[0]
+    assert choice["text"] == offline.texts[0]
+    first = {p: v[0]["logprob"] for p, v in choice["distributions"][0]["perspectives"].items()}
+    assert set(first) == {"a", "b"}
+
+
+def test_worker_resources_and_placement_are_checked(tmp_path: Path) -> None:
+    from pipelines.config import ConfigError
+
+    with pytest.raises(ConfigError, match="cpus_per_worker / use_gpu"):
+        _train_cfg(tmp_path, tmp_path, "auto", worker_resources={"CPU": 2})
+    with pytest.raises(ConfigError, match="amounts >= 0"):
+        _train_cfg(tmp_path, tmp_path, "auto", worker_resources={"slot": -1})
+    with pytest.raises(ConfigError, match="placement_strategy"):
+        _train_cfg(tmp_path, tmp_path, "auto", placement_strategy="SCATTER")
