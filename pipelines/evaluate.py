@@ -596,6 +596,7 @@ def run_evaluate(cfg: EvalConfig, *, echo: Callable[[str], None] = print) -> Eva
     from sae.lm import load_tokenizer, resolve_model
 
     started = time.perf_counter()
+    git = git_commit()  # at the start: the code that runs, whatever happens to the tree meanwhile
     tokenizer = load_tokenizer(cfg.model)
     n_layers = int(AutoConfig.from_pretrained(resolve_model(cfg.model).path).num_hidden_layers)
     layer = resolve_layer(cfg)
@@ -642,7 +643,7 @@ def run_evaluate(cfg: EvalConfig, *, echo: Callable[[str], None] = print) -> Eva
         rows, comparisons, predictions = score(cfg, tasks, conditions, outputs)
         wall = time.perf_counter() - started
         run = {
-            "git": git_commit(), "command": "pluristeer evaluate", "wall_seconds": round(wall, 1),
+            "git": git, "command": "pluristeer evaluate", "wall_seconds": round(wall, 1),
             "vector_seconds": round(vector_seconds, 1), "unit_seconds": round(unit_stats["seconds"], 1),
             "planned_tokens": planned, "unit_stats": unit_stats, "layer": layer, "plan_hash": digest,
             "sizes": sizes, "vectors": vector_info, "device": device, "num_actors": cfg.num_actors,
