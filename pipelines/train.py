@@ -275,7 +275,8 @@ def _load_checkpoint(trainer: SAETrainer, engine: Any, directory: Path) -> None:
     state = torch.load(directory / TRAINER_FILE, map_location=trainer.device, weights_only=True)
     if "optimizer" not in state:
         raise StoreError(f"{directory} holds a DeepSpeed checkpoint: resume it with deepspeed=true")
-    unwrap_model(trainer.model).load_state_dict(torch.load(directory / MODEL_FILE, map_location=trainer.device))
+    model_state = torch.load(directory / MODEL_FILE, map_location=trainer.device, weights_only=True)
+    unwrap_model(trainer.model).load_state_dict(model_state)
     trainer.optimizer.load_state_dict(state.pop("optimizer"))
     trainer.load_trainer_state(state)
 
@@ -401,7 +402,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     if result.checkpoint is None:
         raise RuntimeError(f"training finished without a checkpoint (error: {result.error})")
     with result.checkpoint.as_directory() as directory:
-        model_state = torch.load(Path(directory) / MODEL_FILE, map_location="cpu")
+        model_state = torch.load(Path(directory) / MODEL_FILE, map_location="cpu", weights_only=True)
         trainer_state = torch.load(Path(directory) / TRAINER_FILE, map_location="cpu", weights_only=True)
     final = dict(result.metrics or {})
     sae_dirs, metrics = export_saes(TrainConfig.from_dict(cfg_dict), store, layer, model_state, trainer_state, final)

@@ -109,6 +109,7 @@ def test_a_set_published_by_one_driver_is_fetched_by_another_after_it_exits(
         assert total == pytest.approx(float(written[p].sum()), abs=1e-5)
 
 
+@pytest.mark.fault
 def test_registry_recovers_from_a_lost_actor_and_watchers_see_new_versions(ray_cluster, tmp_path: Path) -> None:
     import ray
 

@@ -202,6 +202,7 @@ ENDPOINTS = [
 ]  # fmt: skip
 
 
+@pytest.mark.security
 def test_keys_are_required_everywhere_but_healthz(app) -> None:
     for method, path, body in ENDPOINTS:
         for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": KEY}):
@@ -238,6 +239,7 @@ BAD = [
 ]
 
 
+@pytest.mark.hostile
 @pytest.mark.parametrize(("path", "body", "message"), BAD, ids=[f"{p}-{m[:20]}" for p, _, m in BAD])
 def test_bad_bodies_are_422_with_a_message(app, path: str, body: dict[str, Any], message: str) -> None:
     r = app.post(path, body)
@@ -245,6 +247,7 @@ def test_bad_bodies_are_422_with_a_message(app, path: str, body: dict[str, Any],
     assert message in r.json()["error"]["message"]
 
 
+@pytest.mark.hostile
 def test_not_json_is_422(app) -> None:
     r = httpx.post(
         app.url + "/v1/completions", content=b"{", headers={**app.headers, "content-type": "application/json"}
@@ -252,6 +255,7 @@ def test_not_json_is_422(app) -> None:
     assert r.status_code == 422 and r.json()["error"]["message"]
 
 
+@pytest.mark.hostile
 def test_fuzzed_requests_never_get_a_server_error(app) -> None:
     """Schemathesis cases from the API's own OpenAPI schema (valid and invalid), a bounded number."""
     import schemathesis
@@ -338,6 +342,7 @@ def test_a_new_vector_version_is_picked_up_without_a_restart(app, embedded, embe
     assert abs(fused["perspectives"][target]["probs"][0] - after["perspectives"][target]["probs"][0]) < 1e-4
 
 
+@pytest.mark.fault
 def test_killing_a_perspective_replica_loses_no_request(app) -> None:
     """8 streamed generations run; one perspective's replica is killed after each has its first tokens; all 8
     finish with every token (the aggregator retries, the restarted replica replays the prefixes)."""
