@@ -93,6 +93,13 @@ class TrainConfig(StageConfig):
         check(0 <= self.warmup < 1 and 0 <= self.decay < 1, "warmup and decay are fractions of the steps in [0, 1)")
         check(self.saes != [] or self.expansions != [], "give expansions (e.g. [8, 32]) or saes")
         check(self.eval_tokens >= 0, f"eval_tokens must be >= 0, got {self.eval_tokens}")
+        check(self.lr is None or self.lr > 0, f"lr must be positive (or null for the default), got {self.lr}")
+        check(self.shuffle_window >= 0, f"shuffle_window must be >= 0 (0: no shuffling), got {self.shuffle_window}")
+        check(self.dead_tokens >= 1, f"dead_tokens must be >= 1, got {self.dead_tokens}")
+        check(self.auxk_coefficient >= 0, f"auxk_coefficient must be >= 0, got {self.auxk_coefficient}")
+        check(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        check(self.max_failures >= -1, f"max_failures must be >= 0 (-1: retry forever), got {self.max_failures}")
+        check(self.inject_failure_at_step >= 0, "inject_failure_at_step must be >= 0 (0: off)")
         self.specs()
 
     def specs(self) -> list[SAESpec]:
