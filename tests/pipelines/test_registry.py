@@ -53,7 +53,7 @@ def ray_cluster(tmp_path_factory):
     """``(address, registry root)`` of a local Ray cluster that lives for this module."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, namespace="pluristeer-tests")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="pluristeer-tests")
     try:
         yield ray.get_runtime_context().gcs_address, tmp_path_factory.mktemp("registry")
     finally:

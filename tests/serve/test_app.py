@@ -65,7 +65,7 @@ def app(embedded, embedded_sae, tmp_path_factory):
     patch = pytest.MonkeyPatch()
     patch.setenv("PLURISTEER_API_KEYS", f"another-key, {KEY}")  # before ray.init: the replicas inherit it
     t0 = time.perf_counter()
-    ray.init(num_cpus=2, include_dashboard=False, namespace="pluristeer-serve-tests")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="pluristeer-serve-tests")
     try:
         t1 = time.perf_counter()
         vs = _derive(*embedded, embedded_sae)
