@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -342,6 +343,22 @@ def test_a_new_vector_version_is_picked_up_without_a_restart(app, embedded, embe
     assert abs(fused["perspectives"][target]["probs"][0] - after["perspectives"][target]["probs"][0]) < 1e-4
 
 
+def test_bounded_load_has_no_errors_and_leaks_no_sessions(app) -> None:
+    """benchmarks/load.py, short: 30 requests of every kind, 6 in flight; every one answered as expected
+    (3 refused with 422 on purpose), and the replicas hold no more KV-cached sessions afterwards than before."""
+    import asyncio
+
+    from benchmarks.load import render, run_load
+
+    report = asyncio.run(run_load(app.url, KEY, requests=30, concurrency=6, time_cap_s=240, max_tokens=3))
+    print(render(report))
+    assert report.errors == 0, report.error_samples
+    assert report.started == report.ok == 30 and report.rejected_as_expected == 3
+    assert report.peak_concurrency == 6 and report.completion_tokens >= 3 * 20
+    assert len(report.memory_after) == len(app.perspectives) + 2  # every model deployment was scraped
+    assert report.sessions_after() <= sum(m["sessions"] for m in report.memory_before.values())
+
+
 @pytest.mark.fault
 def test_killing_a_perspective_replica_loses_no_request(app) -> None:
     """8 streamed generations run; one perspective's replica is killed after each has its first tokens; all 8
@@ -395,3 +412,27 @@ def test_killing_a_perspective_replica_loses_no_request(app) -> None:
     ]
     assert replays and float(replays[0].split()[-1]) >= 1, "the restarted replica replayed the sessions' prefixes"
     assert _stats(victim)["pid"] != old_pid
+
+
+@pytest.mark.security
+def test_api_keys_never_reach_logs_or_responses(app) -> None:
+    """After every request of this module (good, wrong and missing keys, errors, a replica killed): no log file
+    of the Ray session and no response carries a key, and an unknown key sent in every place is not echoed."""
+    import ray
+
+    probe = "probe-key-9c41e2"
+    for headers in ({"Authorization": f"Bearer {probe}"}, {"Authorization": probe}, {"X-Api-Key": probe}):
+        r = httpx.post(app.url + "/v1/completions?api_key=" + probe, json={"prompt": probe, "max_tokens": 999},
+                       headers=headers, timeout=30)  # fmt: skip
+        assert r.status_code == 401 and probe not in r.text
+    bad = app.post("/v1/completions", {"prompt": "x", "max_tokens": 999, "user": probe})
+    assert bad.status_code == 422 and KEY not in bad.text
+    metrics = httpx.get(app.url + "/metrics", headers=app.headers, timeout=30).text
+    assert KEY not in metrics and "another-key" not in metrics
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    files = [p for p in logs.rglob("*") if p.is_file()]
+    assert len(files) > 10 and any("serve" in str(p) for p in files), files[:20]
+    for path in files:
+        data = path.read_bytes()
+        for secret in (KEY, "another-key", probe):
+            assert secret.encode() not in data, f"{secret} found in {path}"
