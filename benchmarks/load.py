@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -62,8 +63,10 @@ class LoadReport:
     requests_per_s: float
     completion_tokens: int
     by_kind: dict[str, int]
+    warmup: int = 0  # requests sent (one of each kind) before memory_before was taken
     memory_before: dict[str, dict[str, float]] = field(default_factory=dict)
     memory_after: dict[str, dict[str, float]] = field(default_factory=dict)
+    rss_timeline_mib: list[tuple[float, float]] = field(default_factory=list)  # (s into the run, all replicas)
 
     def growth_mib(self) -> dict[str, float]:
         """Resident-memory growth of each model deployment over the run (MiB)."""
@@ -168,6 +171,8 @@ async def run_load(
     perspectives: list[str] | None = None,
     seed: int = 0,
     settle_s: float = 15.0,
+    warmup: int = 10,
+    sample_s: float = 10.0,
 ) -> LoadReport:
     """Run the load (see the module docstring) and return its :class:`LoadReport`."""
     import httpx
@@ -182,6 +187,11 @@ async def run_load(
             listed.raise_for_status()
             perspectives = [p["id"] for p in listed.json()["data"]]
         mix = request_mix(requests, perspectives, max_tokens, seed)
+        # Warm-up, one request of each kind: weights are memory-mapped and paged in on first use, so memory
+        # taken before any request would count that as growth.
+        warm = request_mix(warmup, perspectives, max_tokens, seed + 1) if warmup else []
+        for _, path, body, expect in warm:
+            await _one(client, url, path, body, expect)
         before = await scrape(client, url)
         todo = list(reversed(mix))
         latencies: list[float] = []
@@ -218,7 +228,19 @@ async def run_load(
                 else:
                     errors.append(problem)
 
+        timeline: list[tuple[float, float]] = []
+
+        async def monitor() -> None:  # resident memory of all model replicas while the load runs
+            while True:
+                with contextlib.suppress(Exception):
+                    sample = await scrape(client, url)
+                    total = sum(m["rss_bytes"] for m in sample.values()) / 2**20
+                    timeline.append((round(time.perf_counter() - started, 1), round(total, 1)))
+                await asyncio.sleep(sample_s)
+
+        watcher = asyncio.create_task(monitor())
         await asyncio.gather(*(worker() for _ in range(concurrency)))
+        watcher.cancel()
         wall = time.perf_counter() - started
         after = await scrape(client, url)
         deadline = time.perf_counter() + settle_s  # sessions are released asynchronously after each request
@@ -238,7 +260,8 @@ async def run_load(
         rejected_as_expected=counts["rejected"], errors=len(errors), error_samples=errors[:5], wall_s=wall,
         sustained_concurrency=busy / wall if wall else 0.0, peak_concurrency=counts["peak"], p50_s=pct(0.5),
         p99_s=pct(0.99), requests_per_s=counts["started"] / wall if wall else 0.0,
-        completion_tokens=counts["tokens"], by_kind=by_kind, memory_before=before, memory_after=after,
+        completion_tokens=counts["tokens"], by_kind=by_kind, warmup=len(warm), memory_before=before,
+        memory_after=after, rss_timeline_mib=timeline,
     )  # fmt: skip
 
 
@@ -251,7 +274,8 @@ def render(report: LoadReport) -> str:
         f"latency p50 {report.p50_s:.2f} s, p99 {report.p99_s:.2f} s; {report.requests_per_s:.2f} req/s; "
         f"{report.completion_tokens} completion tokens",
         f"  answered by kind: {report.by_kind}",
-        "  model replicas: resident MiB before -> after (growth), KV-cached sessions before -> after",
+        f"  model replicas (after a warm-up of {report.warmup} requests): resident MiB before -> after (growth), "
+        "KV-cached sessions before -> after",
     ]
     growth = report.growth_mib()
     for dep, m in sorted(report.memory_before.items()):
@@ -260,6 +284,9 @@ def render(report: LoadReport) -> str:
             f"    {dep:34s} {m['rss_bytes'] / 2**20:7.0f} -> {a['rss_bytes'] / 2**20:7.0f} ({growth.get(dep, 0):+6.1f})"
             f"   {m['sessions']:.0f} -> {a['sessions']:.0f}"
         )
+    if report.rss_timeline_mib:
+        shown = ", ".join(f"{t:.0f}s {m:.0f}" for t, m in report.rss_timeline_mib)
+        lines.append(f"  all model replicas, resident MiB during the run: {shown}")
     lines += [f"  error: {e}" for e in report.error_samples]
     return "\n".join(lines)
 
@@ -323,6 +350,7 @@ def main() -> None:
     ap.add_argument("--time-cap", type=float, default=600.0, help="seconds; no request starts after it")
     ap.add_argument("--tokens", type=int, default=8, help="max_tokens of each generation")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--warmup", type=int, default=10, help="requests before the 'before' memory reading")
     ap.add_argument("--out", type=Path, help="also write the report as JSON")
     args = ap.parse_args()
     if args.url is None and (args.sae is None) == (args.vectors is None):
@@ -335,7 +363,7 @@ def main() -> None:
     try:
         report = asyncio.run(
             run_load(url, key, requests=args.requests, concurrency=args.concurrency, time_cap_s=args.time_cap,
-                     max_tokens=args.tokens, seed=args.seed)
+                     max_tokens=args.tokens, seed=args.seed, warmup=args.warmup)
         )  # fmt: skip
     finally:
         if args.url is None:
@@ -347,6 +375,7 @@ def main() -> None:
     print(render(report))
     if args.out:
         args.out.write_text(json.dumps({**asdict(report), "growth_mib": report.growth_mib()}, indent=2))
+    # an error is a failed run; memory is reported, not judged (a first-use allocation is not a leak)
     sys.exit(1 if report.errors else 0)
 
 

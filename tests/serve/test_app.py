@@ -256,6 +256,31 @@ def test_not_json_is_422(app) -> None:
     assert r.status_code == 422 and r.json()["error"]["message"]
 
 
+RAW = [  # (id, raw body, status, message part): what JSON parsers and schemas are often lenient about
+    ("nan-literal", b'{"prompt": "x", "temperature": NaN}', 422, "temperature"),
+    ("infinity-literal", b'{"prompt": "x", "decoding": {"alpha": Infinity}}', 422, "decoding.alpha"),
+    ("huge-number", b'{"prompt": "x", "max_tokens": 1e400}', 422, "max_tokens"),
+    ("negative", b'{"prompt": "x", "max_tokens": -5}', 422, "max_tokens"),
+    ("deep-nesting", b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}", 422, "prompt"),
+    ("lone-surrogate", b'{"prompt": "\\ud800 hi", "max_tokens": 1}', 200, ""),
+    ("null-bytes", b'{"prompt": "a\\u0000b", "max_tokens": 1}', 200, ""),
+    ("many-prompts", json.dumps({"prompt": ["x"] * 1000, "max_tokens": 1}).encode(), 422, "at most 8"),
+    ("over-the-body-limit", b'{"prompt": "' + b"x" * 1_100_000 + b'"}', 413, "larger than"),
+    ("not-an-object", b"[1, 2, 3]", 422, ""),
+    ("wrong-type-perspectives", b'{"prompt": "x", "perspectives": "France"}', 422, "perspectives"),
+]
+
+
+@pytest.mark.hostile
+@pytest.mark.parametrize(("body", "status", "message"), [r[1:] for r in RAW], ids=[r[0] for r in RAW])
+def test_hostile_raw_bodies_get_a_clear_4xx(app, body: bytes, status: int, message: str) -> None:
+    headers = {**app.headers, "content-type": "application/json"}
+    r = httpx.post(app.url + "/v1/completions", content=body, headers=headers, timeout=120)
+    assert r.status_code == status, r.text[:500]
+    if status != 200:
+        assert message in r.json()["error"]["message"], r.text[:500]
+
+
 @pytest.mark.hostile
 def test_fuzzed_requests_never_get_a_server_error(app) -> None:
     """Schemathesis cases from the API's own OpenAPI schema (valid and invalid), a bounded number."""
@@ -350,7 +375,7 @@ def test_bounded_load_has_no_errors_and_leaks_no_sessions(app) -> None:
 
     from benchmarks.load import render, run_load
 
-    report = asyncio.run(run_load(app.url, KEY, requests=30, concurrency=6, time_cap_s=240, max_tokens=3))
+    report = asyncio.run(run_load(app.url, KEY, requests=30, concurrency=6, time_cap_s=240, max_tokens=3, warmup=0))
     print(render(report))
     assert report.errors == 0, report.error_samples
     assert report.started == report.ok == 30 and report.rejected_as_expected == 3
