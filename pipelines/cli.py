@@ -24,10 +24,6 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _not_built(stage: str, issue: int) -> None:
-    _fail(f"the '{stage}' stage is not built yet (issue #{issue}); `pluristeer demo` runs what exists")
-
-
 @app.command()
 def collect(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Collect residual-stream activations from a corpus into a sharded store (Ray Data); reruns resume."""
@@ -200,17 +196,24 @@ def data(data_dir: DataOpt = None) -> None:
 def demo(
     data_dir: DataOpt = None,
     model: Annotated[str, typer.Option(help="'embedded', a local path or a Hugging Face id")] = "embedded",
-    out: Annotated[Path, typer.Option(help="where the demo writes its outputs")] = Path("runs/demo"),
+    out: Annotated[Path, typer.Option(help="where the demo writes its outputs (a rerun resumes)")] = Path("runs/demo"),
+    tokens: Annotated[int, typer.Option(help="activation rows to collect for the SAE")] = 50_000,
+    limit: Annotated[int, typer.Option(help="test records per perspective in the evaluation slice")] = 12,
 ) -> None:
-    """Run the main job end to end on the embedded model (what exists of it so far)."""
-    from pipelines.demo import run_demo
+    """The whole pipeline on a small scale: collect -> train an 8x SAE -> vectors -> evaluate -> results table."""
+    from pipelines.config import ConfigError
+    from pipelines.demo import DemoSettings, run_demo
     from pipelines.records import DataError
     from sae.lm import ModelNotFoundError
 
+    if tokens < 4096 or limit < 1:
+        _fail("--tokens must be >= 4096 and --limit >= 1")
     try:
-        run_demo(data_dir=data_dir, model_id=model, out=out)
-    except (DataError, ModelNotFoundError) as err:
+        run_demo(data_dir=data_dir, model_id=model, out=out, settings=DemoSettings(tokens=tokens, limit=limit))
+    except (ConfigError, DataError, ModelNotFoundError) as err:
         _fail(str(err))
+    except KeyboardInterrupt:
+        _fail("interrupted: rerun the same command to resume", 130)
 
 
 def main() -> None:

@@ -23,6 +23,14 @@ from sae.lm import load_lm
 STORE_TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
+def actor_threads(threads: int, actors_per_node: int) -> int:
+    """Intra-op threads of one model actor on CPU: ``threads``, or this node's cores shared by its actors."""
+    if threads > 0:
+        return threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, actors_per_node))
+
+
 @dataclass
 class WorkerSpec:
     """What an actor needs (plain values: it travels to the actor when the pool starts)."""
@@ -41,10 +49,7 @@ class WorkerSpec:
     actors_per_node: int = 1
 
     def cpu_threads(self) -> int:
-        if self.threads > 0:
-            return self.threads
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        return max(1, cores // max(1, self.actors_per_node))
+        return actor_threads(self.threads, self.actors_per_node)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -1,21 +1,54 @@
-"""``pluristeer demo``: the main job on the embedded model, as far as the stages exist.
+"""``pluristeer demo``: the whole pipeline on the embedded model, small enough for 2 cores (≤ 15 min).
 
-Now: data sets -> load the embedded model -> per-country answers to an opinion question (zero-shot
-option probabilities) -> residual-stream statistics at a middle layer. Later stages join as they land.
+data sets -> collect residuals (Ray Data) -> train an 8x TopK SAE (Ray Train) -> steering vectors from 50
+samples per perspective (published to the registry) -> evaluate a small slice (zero-/few-shot, SAE steering,
+pluralistic decoding) -> the results table. Every stage is the real one with small settings; the outputs
+land under ``out`` and a rerun resumes what is there.
 """
 
 from __future__ import annotations
 
+import re
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from rich.console import Console
+from rich.markdown import Markdown
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from pipelines.datasets import LOADERS, data_dir, perspectives
 
 console = Console()
+
+# The progress lines the stages print; the demo turns them into bars.
+_COLLECT = re.compile(r"^collect: ([\d,]+)/([\d,]+) tokens")
+_UNITS = re.compile(r"^evaluate: unit (\d+)/(\d+)")
+
+
+@dataclass
+class DemoSettings:
+    """The demo's small settings (``pluristeer demo --tokens ... --limit ...``)."""
+
+    tokens: int = 50_000  # activation rows collected for the SAE
+    epochs: float = 4.0  # SAE training passes over them
+    layer: int = 15
+    tasks: tuple[str, ...] = ("crehate", "globalopinionqa")
+    perspectives: int = 3  # per task
+    limit: int = 12  # test records per perspective
+    samples: int = 50  # feedback samples per perspective for the vectors
+    conditions: tuple[str, ...] = (
+        "zero-shot",
+        "few-shot",
+        "steer-8x-fine",
+        "steer-8x-coarse",
+        "pd-dvd",
+        "pd-dvd+steer",
+    )
+    coeff: float = 0.5  # the sweep's pick for both tasks (results/smollm2-135m/sweep.json)
 
 
 def data_table(data: str | Path | None) -> dict[str, dict[str, int]]:
@@ -38,72 +71,131 @@ def data_table(data: str | Path | None) -> dict[str, dict[str, int]]:
     return counts
 
 
-def option_probabilities(model, tokenizer, prompts: list[str], options: list[str]) -> torch.Tensor:
-    """Next-token probability of each option letter (A, B, ...) at the end of each chat prompt."""
-    letters = [chr(ord("A") + i) for i in range(len(options))]
-    ids = [tokenizer.encode(" " + letter, add_special_tokens=False)[-1] for letter in letters]
-    ids_plain = [tokenizer.encode(letter, add_special_tokens=False)[-1] for letter in letters]
-    texts = [
-        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-        for p in prompts
-    ]
-    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    with torch.inference_mode():
-        probs = model(**batch).logits[:, -1].float().softmax(-1)
-    mass = probs[:, ids] + probs[:, ids_plain]
-    return mass / mass.sum(-1, keepdim=True)
+@contextmanager
+def stage_bar(title: str, pattern: re.Pattern[str] | None = None) -> Iterator[Callable[[str], None]]:
+    """A progress bar for one stage; yields the ``echo`` to hand the stage (its progress lines move the bar)."""
+    columns = (TextColumn(f"[bold]{title}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task(title, total=None)
+
+        def echo(line: str) -> None:
+            match = pattern.match(line) if pattern else None
+            if match:
+                done, total = (int(g.replace(",", "")) for g in match.groups())
+                progress.update(task, completed=done, total=total)
+            else:
+                progress.console.print(line, markup=False, highlight=False)
+
+        yield echo
+        if progress.tasks[0].total is None:
+            progress.update(task, total=1, completed=1)
 
 
-def run_demo(*, data_dir: str | Path | None, model_id: str, out: Path) -> None:
-    from pipelines.datasets import load_globalopinionqa
-    from sae.hooks import num_layers, residuals
-    from sae.lm import load_lm
+def run_demo(
+    *, data_dir: str | Path | None, model_id: str, out: Path, settings: DemoSettings | None = None
+) -> dict[str, Path]:
+    """Run the pipeline; returns the paths it wrote (store, SAE, vectors, results)."""
+    from pipelines.collect import CollectConfig, collect
+    from pipelines.evaluate import EvalConfig, run_evaluate
+    from pipelines.train import TrainConfig, run_train
+    from pipelines.vectors import VectorConfig, run_vectors
 
+    s = settings or DemoSettings()
     started = time.perf_counter()
+    out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    console.rule("[bold]1. data")
+    if data_dir is not None:
+        import os
+
+        os.environ["PLURISTEER_DATA"] = str(Path(data_dir).resolve())  # the stages read it from there
+    paths: dict[str, Path] = {}
+
+    console.rule("[bold]1/5 data")
     data_table(data_dir)
 
-    console.rule("[bold]2. model")
-    with console.status(f"loading {model_id} (the first load converts the GGUF once, ~15 s)"):
-        t0 = time.perf_counter()
-        model, tokenizer = load_lm(model_id)
-        load_s = time.perf_counter() - t0
-    n_layers = num_layers(model)
+    console.rule(f"[bold]2/5 collect {s.tokens:,} residual rows at layer {s.layer} (Ray Data)")
+    cfg_c = CollectConfig.from_dict(
+        {
+            "model": model_id,
+            "layers": [s.layer],
+            "n_tokens": s.tokens,
+            "contexts_per_shard": 16,
+            "out": out / "store",
+            "num_actors": 1,
+        }
+    )
+    with stage_bar("collect", _COLLECT) as echo:
+        res_c = collect(cfg_c, echo=echo)
+    paths["store"] = res_c.out
+    console.print(f"store {res_c.out}: {res_c.manifest.rows:,} rows, {res_c.bytes_per_token:,.0f} bytes/row")
+
+    console.rule("[bold]3/5 train an 8x TopK SAE (Ray Train)")
+    cfg_t = TrainConfig.from_dict(
+        {
+            "store": out / "store",
+            "expansions": [8],
+            "epochs": s.epochs,
+            "batch_size": 1024,
+            "eval_tokens": 4096,
+            "dead_tokens": 50_000,
+            "checkpoint_every": 50,
+            "output_dir": out / "train",
+            "cpus_per_worker": 1,
+            "log_every": 25,
+        }
+    )
+    with stage_bar("train"):
+        res_t = run_train(cfg_t)
+    sae_dir = next(iter(res_t.sae_dirs.values()))
+    paths["sae"] = sae_dir
+    ev = next(iter(res_t.metrics.values())).get("eval", {})
     console.print(
-        f"{model_id}: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters, "
-        f"{n_layers} layers, d_model={model.config.hidden_size}, loaded in {load_s:.2f} s"
+        f"{sae_dir.name}: {res_t.steps} steps, {res_t.tokens:,} tokens; held-out explained variance "
+        f"{ev.get('explained_variance', float('nan')):.3f}, "
+        f"CE loss recovered {ev.get('ce_loss_recovered', float('nan')):.3f}"
     )
 
-    console.rule("[bold]3. zero-shot opinions per country")
-    records = load_globalopinionqa(data_dir_path(data_dir), "test")
-    question = records[0].text
-    same = [r for r in records if r.text == question][:4]
-    prompts = [f"You are from the country of {r.perspective}. {r.text}" for r in same]
-    probs = option_probabilities(model, tokenizer, prompts, list(same[0].options))
-    console.print(question)
-    table = Table()
-    table.add_column("country")
-    table.add_column("model (zero-shot)")
-    table.add_column("survey")
-    for r, p in zip(same, probs, strict=True):
-        table.add_row(
-            r.perspective, " ".join(f"{x:.2f}" for x in p.tolist()), " ".join(f"{x:.2f}" for x in r.distribution or ())
-        )
-    console.print(table)
-
-    console.rule("[bold]4. residual stream")
-    layer = n_layers // 2
-    text = "The survey asked people in many countries what they think about their political leaders."
-    batch = tokenizer([text], return_tensors="pt")
-    acts = residuals(model, [layer], batch["input_ids"], batch["attention_mask"])[layer][0]
-    norms = acts.norm(dim=-1)
-    console.print(
-        f"layer {layer}: {acts.shape[0]} positions, position-0 norm {norms[0]:.1f} vs median "
-        f"{norms[1:].median():.1f} ({norms[0] / norms[1:].median():.0f}x): collection drops it"
+    console.rule(f"[bold]4/5 steering vectors from {s.samples} samples per perspective (CREHate)")
+    cfg_v = VectorConfig.from_dict(
+        {
+            "sae": sae_dir,
+            "model": model_id,
+            "data": "crehate",
+            "samples": s.samples,
+            "max_perspectives": s.perspectives,
+            "out": out / "vectors",
+            "name": "demo-crehate",
+        }
     )
-    console.rule(f"[bold green]demo finished in {time.perf_counter() - started:.1f} s")
+    with stage_bar("vectors"):
+        res_v = run_vectors(cfg_v, console=console)
+    paths["vectors"] = out / "vectors"
+    del res_v
 
+    console.rule(f"[bold]5/5 evaluate a slice: {', '.join(s.tasks)}, {s.limit} records × {s.perspectives} perspectives")
+    cfg_e = EvalConfig.from_dict(
+        {
+            "model": model_id,
+            "sae_8x": sae_dir,
+            "tasks": list(s.tasks),
+            "conditions": list(s.conditions),
+            "limit": s.limit,
+            "max_perspectives": s.perspectives,
+            "samples": s.samples,
+            "coeff": s.coeff,
+            "pd_k_distribution": s.perspectives,
+            "out": out / "results",
+            "work_dir": out / "eval-work",
+            "name": "demo",
+        }
+    )
+    with stage_bar("evaluate", _UNITS) as echo:
+        res_e = run_evaluate(cfg_e, echo=echo)
+    paths["results"] = res_e.out
 
-def data_dir_path(data: str | Path | None) -> Path:
-    return data_dir(data)
+    console.rule("[bold]results")
+    table = res_e.out / "table.md"
+    if table.exists():
+        console.print(Markdown(table.read_text()))
+    console.rule(f"[bold green]demo finished in {(time.perf_counter() - started) / 60:.1f} min; outputs in {out}")
+    return paths

@@ -12,7 +12,6 @@ over K rows by pluralistic decoding (:func:`serve.decoding.combine`). It also wo
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -21,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipelines.collect_worker import actor_threads
 from pipelines.eval_plan import Unit
 from pipelines.prompts import label_token_ids, option_probs
 from sae.hooks import steer
@@ -45,10 +45,7 @@ class WorkerSpec:
     resume: bool = True  # resume steered rows from the cached residual (when the model supports it)
 
     def cpu_threads(self) -> int:
-        if self.threads > 0:
-            return self.threads
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        return max(1, cores // max(1, self.actors_per_node))
+        return actor_threads(self.threads, self.actors_per_node)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

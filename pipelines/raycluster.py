@@ -37,4 +37,6 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, **kwarg
         runtime_env = dict(options.pop("runtime_env", None) or {})
         runtime_env.setdefault("py_modules", [sae, pipelines, serve])
         options["runtime_env"] = runtime_env
+    if address is None and not os.environ.get("RAY_ADDRESS"):
+        address = "local"  # a Ray of our own, even where `ray start` left a cluster that ray.init() would join
     return ray.init(address=address, **options)
