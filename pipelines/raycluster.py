@@ -9,9 +9,9 @@ from typing import Any
 def init_ray(address: str | None = None, *, num_cpus: int | None = None, **kwargs: Any) -> Any:
     """Connect to Ray (no-op when already connected).
 
-    ``address=None`` starts a new local Ray (it never joins one it finds) unless ``RAY_ADDRESS`` is set;
-    ``"auto"`` joins the cluster this machine belongs to; ``"ray://host:10001"`` joins a remote one through
-    Ray Client. The pluristeer packages travel to remote workers as ``py_modules`` when the address is remote.
+    ``address=None`` starts a local Ray unless ``RAY_ADDRESS`` is set; ``"auto"`` joins the cluster this
+    machine belongs to; ``"ray://host:10001"`` joins a remote one through Ray Client. The pluristeer
+    packages travel to remote workers as ``py_modules`` when the address is remote.
     """
     import ray
 
@@ -20,9 +20,6 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, **kwarg
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     options: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": True, **kwargs}
     if address is None and not os.environ.get("RAY_ADDRESS"):
-        # "local", not None: ray.init(None) joins the latest Ray started on this machine by anyone
-        # (/tmp/ray/ray_current_cluster), e.g. another user's test cluster.
-        address = "local"
         # The dashboard serves the State API (Ray Train's placement-group cleaner polls it) and Ray Jobs;
         # PLURISTEER_RAY_DASHBOARD=0 turns it off for a leaner local Ray.
         if os.environ.get("PLURISTEER_RAY_DASHBOARD", "1") == "0":
