@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -8,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 import yaml
@@ -192,11 +194,18 @@ def test_killed_driver_resumes_from_its_last_checkpoint(ray_cluster, tiny_store:
             if (_latest_step(snapshot) or {}).get("step", 0) >= 16:
                 break
             time.sleep(0.05)
-    finally:
+    finally:  # the driver and every process of the Ray it started (raylet, GCS, controller, worker) at once
+        procs = [psutil.Process(driver.pid), *psutil.Process(driver.pid).children(recursive=True)]
         os.killpg(driver.pid, signal.SIGKILL)
+        for proc in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+        psutil.wait_procs(procs, timeout=60)
         driver.wait()
     log = driver.stdout.read().decode()[-3000:] if driver.stdout else ""
     killed_at = (_latest_step(snapshot) or {}).get("step", 0)
+    time.sleep(2)
+    assert (_latest_step(snapshot) or {}).get("step", 0) == killed_at, "something of the killed run still wrote"
     assert 16 <= killed_at < total, log
     assert not list(cfg.output_dir.glob("L3-*")), "the killed run must not have exported SAEs"
 
