@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     rounds = []
     for r in range(args.rounds):
         bare, bare_rates = bare_loop(model, layers, contexts, args.batch_size, early_stop=True)
-        ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=cores, include_dashboard=False, log_to_driver=False)
         try:
             started = time.perf_counter()
             result = collect(replace(cfg, out=tmp / f"store-{r}"), echo=lambda line: None)

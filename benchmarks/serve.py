@@ -120,7 +120,7 @@ def main() -> None:
 
     key = "bench-" + os.urandom(6).hex()
     os.environ["PLURISTEER_API_KEYS"] = key
-    ray.init(num_cpus=max(os.cpu_count() or 1, 2), include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, 2), include_dashboard=False, log_to_driver=False)
     client = RegistryClient(args.registry_dir)
     name = args.vectors or "bench-gqa-fine"
     if args.sae is not None:

@@ -8,6 +8,7 @@ name the field and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 from collections.abc import Sequence
 from pathlib import Path
@@ -54,7 +55,10 @@ def coerce(value: Any, tp: Any, name: str) -> Any:
     if origin in (list, tuple, Sequence):
         (item,) = get_args(tp)[:1]
         if isinstance(value, str) and "," in value:  # "--set layers=4,8" from the CLI
-            value = [yaml.safe_load(v) for v in value.split(",")]
+            try:
+                value = [yaml.safe_load(v) for v in value.split(",")]
+            except yaml.YAMLError:
+                raise ConfigError(f"{name}: expected {_type_name(tp)}, got {value!r}") from None
         if not isinstance(value, list | tuple):
             value = [value]
         return [coerce(v, item, f"{name}[{i}]") for i, v in enumerate(value)]
@@ -70,6 +74,8 @@ def coerce(value: Any, tp: Any, name: str) -> Any:
         raise ConfigError(f"{name}: expected an integer, got {value!r}")
     if tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
+            if not math.isfinite(value):  # NaN passes every `x > 0` check by failing none of the `x <= 0` ones
+                raise ConfigError(f"{name}: expected a finite number, got {value!r}")
             return float(value)
         raise ConfigError(f"{name}: expected a number, got {value!r}")
     if tp is str:
@@ -139,7 +145,12 @@ class StageConfig:
             key, sep, raw = item.partition("=")
             if not sep or not key.strip():
                 raise ConfigError(f"override {item!r} must look like field=value")
-            data[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+            try:
+                data[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+            except yaml.YAMLError as err:
+                raise ConfigError(
+                    f"override {item!r}: the value is not valid YAML ({err.__class__.__name__})"
+                ) from None
         return cls.from_dict(data, where=where)
 
     def to_dict(self) -> dict[str, Any]:

@@ -83,11 +83,42 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], where: str = MANIFEST) -> Manifest:
+        if not isinstance(raw, dict):
+            raise StoreError(f"{where}: malformed manifest (expected a JSON object, got {type(raw).__name__})")
         try:
             shards = [ShardInfo(**s) for s in raw.get("shards", [])]
-            return cls(**{**raw, "shards": shards})
+            manifest = cls(**{**raw, "shards": shards})
         except TypeError as err:
             raise StoreError(f"{where}: malformed manifest ({err})") from None
+        manifest._check(where)
+        return manifest
+
+    def _check(self, where: str) -> None:
+        """Types and ranges of a manifest read from disk (a hand-edited or corrupt one fails here, by field)."""
+
+        def need(ok: bool, what: str) -> None:
+            if not ok:
+                raise StoreError(f"{where}: malformed manifest: {what}; rerun collect into a new directory")
+
+        def count(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+        need(
+            count(self.format_version) and self.format_version <= FORMAT_VERSION,
+            f"format_version {self.format_version!r} is not one this pluristeer reads (<= {FORMAT_VERSION})",
+        )
+        need(isinstance(self.model, str), f"model must be a string, got {self.model!r}")
+        need(
+            isinstance(self.layers, list) and bool(self.layers) and all(count(x) for x in self.layers),
+            f"layers must be a list of layer indices, got {self.layers!r}",
+        )
+        need(count(self.d_model) and self.d_model > 0, f"d_model must be a positive integer, got {self.d_model!r}")
+        need(self.dtype in STORE_DTYPES, f"dtype must be one of {sorted(STORE_DTYPES)}, got {self.dtype!r}")
+        need(count(self.context_size), f"context_size must be an integer, got {self.context_size!r}")
+        need(count(self.n_tokens), f"n_tokens must be an integer, got {self.n_tokens!r}")
+        for s in self.shards:
+            need(count(s.index) and s.name == shard_name(s.index), f"shard {s.name!r} is not named {shard_name(0)}")
+            need(count(s.rows) and isinstance(s.sha256, str), f"shard {s.name}: rows or sha256 is not valid")
 
 
 def read_manifest(root: str | Path) -> Manifest:
@@ -240,7 +271,11 @@ def write_shard(
         table = table.replace_schema_metadata({SHARD_METADATA_KEY: json.dumps(metadata)})
     path = Path(root) / shard_name(index)
     # Dictionary encoding never pays for activations and costs ~3x the write time.
-    atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression=compression, use_dictionary=False))
+    # Page checksums let every read detect a flipped bit (readers verify them, see ActivationStore.read_shard).
+    atomic_write(
+        path,
+        lambda tmp: pq.write_table(table, tmp, compression=compression, use_dictionary=False, write_page_checksum=True),
+    )
     return ShardInfo(index=index, name=path.name, rows=rows.pop(), sha256=sha256_file(path))
 
 
@@ -254,6 +289,9 @@ def read_shard_metadata(path: str | Path) -> dict[str, Any]:
 
 
 def _to_numpy(column: pa.ChunkedArray, d: int) -> np.ndarray:
+    width = getattr(column.type, "list_size", None)
+    if width != d:
+        raise StoreError(f"an activation column holds {column.type} where the manifest says {d} floats per row")
     values = column.combine_chunks().values
     return values.to_numpy(zero_copy_only=False).reshape(-1, d)
 
@@ -298,11 +336,21 @@ class ActivationStore:
                 raise StoreError(f"{path}: {pq.read_metadata(path).num_rows} rows, manifest says {s.rows}")
 
     def read_shard(self, shard: ShardInfo, columns: Sequence[str]) -> pa.Table:
+        """Columns of one shard, its page checksums verified and its row count checked against the manifest."""
         path = self.root / shard.name
         try:
-            return pq.read_table(path, columns=list(columns))
+            table = pq.read_table(path, columns=list(columns), page_checksum_verification=True)
         except (pa.ArrowInvalid, OSError) as err:
             raise StoreError(f"{path}: cannot read shard (truncated or corrupt?): {err}") from None
+        if table.num_rows != shard.rows:
+            raise StoreError(f"{path}: {table.num_rows} rows, the manifest says {shard.rows} (corrupt or modified?)")
+        for name in columns:
+            if name.startswith("layer_") and getattr(table.schema.field(name).type, "list_size", None) != self.d_model:
+                raise StoreError(
+                    f"{path}: column {name} is {table.schema.field(name).type}, not {self.d_model} floats per row "
+                    "as the manifest says (corrupt or modified?)"
+                )
+        return table
 
     def read(self, layer: int, *, limit: int | None = None) -> torch.Tensor:
         """All rows of ``layer`` (up to ``limit``) as one float32 tensor ``[rows, d_model]``."""

@@ -99,6 +99,13 @@ class TrainConfig(StageConfig):
         check(0 <= self.warmup < 1 and 0 <= self.decay < 1, "warmup and decay are fractions of the steps in [0, 1)")
         check(self.saes != [] or self.expansions != [], "give expansions (e.g. [8, 32]) or saes")
         check(self.eval_tokens >= 0, f"eval_tokens must be >= 0, got {self.eval_tokens}")
+        check(self.lr is None or self.lr > 0, f"lr must be positive (or null for the default), got {self.lr}")
+        check(self.shuffle_window >= 0, f"shuffle_window must be >= 0 (0: no shuffling), got {self.shuffle_window}")
+        check(self.dead_tokens >= 1, f"dead_tokens must be >= 1, got {self.dead_tokens}")
+        check(self.auxk_coefficient >= 0, f"auxk_coefficient must be >= 0, got {self.auxk_coefficient}")
+        check(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        check(self.max_failures >= -1, f"max_failures must be >= 0 (-1: retry forever), got {self.max_failures}")
+        check(self.inject_failure_at_step >= 0, "inject_failure_at_step must be >= 0 (0: off)")
         self.specs()
 
     def specs(self) -> list[SAESpec]:
@@ -281,7 +288,8 @@ def _load_checkpoint(trainer: SAETrainer, engine: Any, directory: Path) -> None:
     state = torch.load(directory / TRAINER_FILE, map_location=trainer.device, weights_only=True)
     if "optimizer" not in state:
         raise StoreError(f"{directory} holds a DeepSpeed checkpoint: resume it with deepspeed=true")
-    unwrap_model(trainer.model).load_state_dict(torch.load(directory / MODEL_FILE, map_location=trainer.device))
+    model_state = torch.load(directory / MODEL_FILE, map_location=trainer.device, weights_only=True)
+    unwrap_model(trainer.model).load_state_dict(model_state)
     trainer.optimizer.load_state_dict(state.pop("optimizer"))
     trainer.load_trainer_state(state)
 
@@ -425,7 +433,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     if result.checkpoint is None:
         raise RuntimeError(f"training finished without a checkpoint (error: {result.error})")
     with result.checkpoint.as_directory() as directory:
-        model_state = torch.load(Path(directory) / MODEL_FILE, map_location="cpu")
+        model_state = torch.load(Path(directory) / MODEL_FILE, map_location="cpu", weights_only=True)
         trainer_state = torch.load(Path(directory) / TRAINER_FILE, map_location="cpu", weights_only=True)
     final = dict(result.metrics or {})
     sae_dirs, metrics = export_saes(TrainConfig.from_dict(cfg_dict), store, layer, model_state, trainer_state, final)

@@ -156,6 +156,9 @@ class SparseAutoencoder(nn.Module):
             tensors = load_file(str(weights_path))
         except Exception as err:  # safetensors raises its own error types for truncated files
             raise SAEFormatError(f"{weights_path} cannot be read (truncated or corrupt?): {err}") from err
+        if not isinstance(raw, dict):
+            raise SAEFormatError(f"{cfg_path}: expected a JSON object, got {type(raw).__name__}")
+        _check_tensors(tensors, str(weights_path))
         cfg = config_from_saelens(raw, tensors, where=str(cfg_path))
         sae = cls(cfg, dtype=tensors["W_enc"].dtype)
         with torch.no_grad():
@@ -183,12 +186,33 @@ class SparseAutoencoder(nn.Module):
         self.W_dec.div_(norms[:, None])
 
 
+def _check_tensors(tensors: dict[str, torch.Tensor], where: str) -> None:
+    """The weights a loaded SAE needs: present, 2-D/1-D as sae-lens has them, floating point and finite."""
+    dims = {"W_enc": 2, "b_enc": 1, "W_dec": 2, "b_dec": 1, "threshold": 1}
+    for name, ndim in dims.items():
+        if name not in tensors:
+            if name == "threshold":
+                continue
+            raise SAEFormatError(f"{where}: the weights have no tensor {name!r}")
+        t = tensors[name]
+        if t.dim() != ndim:
+            raise SAEFormatError(f"{where}: {name} has shape {tuple(t.shape)}; expected {ndim} dimension(s)")
+        if not t.is_floating_point():
+            raise SAEFormatError(f"{where}: {name} has dtype {t.dtype}; expected floating point weights")
+        if not bool(torch.isfinite(t).all()):
+            raise SAEFormatError(f"{where}: {name} contains NaN or infinite values (a corrupt or diverged SAE)")
+
+
 def config_from_saelens(raw: dict[str, Any], tensors: dict[str, torch.Tensor], *, where: str) -> SAEConfig:
     """Read an sae-lens ``cfg.json`` (v6 ``architecture`` or older ``activation_fn*`` keys)."""
     for key in ("W_enc", "b_enc", "W_dec", "b_dec"):
         if key not in tensors:
             raise SAEFormatError(f"{where}: the weights have no tensor {key!r}")
+    if not isinstance(raw.get("metadata") or {}, dict):
+        raise SAEFormatError(f"{where}: metadata must be a JSON object, got {raw['metadata']!r}")
     ours = (raw.get("metadata") or {}).get("pluristeer")
+    if ours is not None and not isinstance(ours, dict):
+        raise SAEFormatError(f"{where}: metadata.pluristeer must be a JSON object, got {ours!r}")
     d_in, d_sae = tensors["W_enc"].shape
     if raw.get("normalize_activations", "none") not in ("none", None):
         raise SAEFormatError(
@@ -215,11 +239,16 @@ def config_from_saelens(raw: dict[str, Any], tensors: dict[str, torch.Tensor], *
     for key in ("model_name", "hook_name", "hook_layer"):  # pre-v6 sae-lens kept these at the top
         if key in raw and key not in metadata:
             metadata[key] = raw[key]
-    return SAEConfig(
-        d_in=int(d_in),
-        d_sae=int(d_sae),
-        architecture=architecture,
-        k=int(k) if k else 32,
-        apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)),
-        metadata=metadata,
-    )
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int | float) or int(k) != k):
+        raise SAEFormatError(f"{where}: k must be an integer, got {k!r}")
+    try:
+        return SAEConfig(
+            d_in=int(d_in),
+            d_sae=int(d_sae),
+            architecture=architecture,
+            k=int(k) if k else 32,
+            apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)),
+            metadata=metadata,
+        )
+    except ValueError as err:
+        raise SAEFormatError(f"{where}: {err}") from None

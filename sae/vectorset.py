@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 import struct
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -72,6 +73,19 @@ class VectorSetMeta:
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
+        for name in ("model", "task", "readout"):
+            if not isinstance(getattr(self, name), str):
+                raise VectorSetError(f"{name} must be a string, got {getattr(self, name)!r}")
+        for name in ("layer", "dim", "format_version"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+                raise VectorSetError(f"{name} must be a non-negative integer, got {value!r}")
+        if self.format_version > FORMAT_VERSION:
+            raise VectorSetError(
+                f"format_version {self.format_version} is newer than this pluristeer reads ({FORMAT_VERSION})"
+            )
+        if not isinstance(self.n_samples, dict) or not isinstance(self.extra, dict):
+            raise VectorSetError("n_samples and extra must be JSON objects")
         if self.mode not in VECTOR_MODES:
             raise VectorSetError(f"mode must be one of {VECTOR_MODES}, got {self.mode!r}")
         if self.granularity not in GRANULARITIES:
@@ -87,7 +101,7 @@ class VectorSetMeta:
         try:
             raw = json.loads(text)
             return cls(**raw)
-        except (json.JSONDecodeError, TypeError) as err:
+        except (json.JSONDecodeError, TypeError, VectorSetError) as err:
             raise VectorSetError(f"{where}: malformed vector-set metadata ({err})") from None
 
 
@@ -104,6 +118,8 @@ class VectorSet:
         for name, v in self.vectors.items():
             if v.dim() != 1 or v.shape[0] != self.meta.dim:
                 raise VectorSetError(f"vector {name!r} has shape {tuple(v.shape)}, expected [{self.meta.dim}]")
+            if not bool(torch.isfinite(v).all()):
+                raise VectorSetError(f"vector {name!r} contains NaN or infinite values")
         self.vectors = {k: v.detach().float().cpu().contiguous() for k, v in self.vectors.items()}
 
     @property
@@ -137,7 +153,10 @@ class VectorSet:
         meta = VectorSetMeta.from_json(text, where)
         # safetensors does not keep tensor order: restore the perspectives' order from the metadata
         order = [p for p in meta.n_samples if p in tensors] + sorted(set(tensors) - set(meta.n_samples))
-        return cls(vectors={p: tensors[p] for p in order}, meta=meta)
+        try:
+            return cls(vectors={p: tensors[p] for p in order}, meta=meta)
+        except VectorSetError as err:
+            raise VectorSetError(f"{where}: {err}") from None
 
     def save(self, path: str | Path) -> Path:
         """Write the set atomically to ``path`` (a ``.safetensors`` file)."""

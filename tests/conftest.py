@@ -16,6 +16,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Markers (registered here, beside the ``slow`` one in pyproject.toml): ``-m fault`` runs the fault
+    injection tests alone, ``-m hostile`` the bad-input ones, ``-m security`` the security checks."""
+    config.addinivalue_line("markers", "fault: kills a process or actor mid-run and checks nothing was lost")
+    config.addinivalue_line("markers", "hostile: feeds corrupt, truncated or mistyped input and checks the error")
+    config.addinivalue_line("markers", "security: checks what is loaded from disk, logged and exposed")
+
+
 def tiny_config(family: str = "llama", **overrides):
     """A config for a tiny randomly initialised causal LM of ``family``."""
     import transformers as tf

@@ -35,7 +35,7 @@ def local_ray():
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -142,6 +142,7 @@ def test_two_layers_in_one_pass_equal_single_layer_runs(local_ray, tiny_lm_dir, 
     np.testing.assert_allclose(got, direct[1, 1:].numpy(), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.fault
 def test_killed_actor_is_replaced_and_its_shard_retried(local_ray, tiny_lm_dir, data_root, tmp_path) -> None:
     cfg = _cfg(tiny_lm_dir, tmp_path / "store", data_root, n_tokens=3000, batch_size=1)
     outcome: dict[str, object] = {}
@@ -167,6 +168,7 @@ def test_killed_actor_is_replaced_and_its_shard_retried(local_ray, tiny_lm_dir, 
     assert content_hash(cfg.out) == content_hash(reference.out)
 
 
+@pytest.mark.fault
 def test_killed_driver_resumes_to_the_same_store(local_ray, tiny_lm_dir, data_root, tmp_path) -> None:
     cfg = _cfg(tiny_lm_dir, tmp_path / "store", data_root, n_tokens=4000, batch_size=1)
     path = tmp_path / "collect.yaml"

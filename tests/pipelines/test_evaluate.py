@@ -79,7 +79,7 @@ def smoke(tmp_path_factory, embedded_sae):
         "max_perspectives=2", "pd_k_classify=2", "pd_k_distribution=2", "bootstrap=200", "items_per_unit=16",
         f"out={root / 'results'}", f"work_dir={root / 'work'}", "coeff=4",
     ])  # fmt: skip
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         first = run_evaluate(cfg, echo=lambda _: None)
         lines: list[str] = []

@@ -53,7 +53,7 @@ def ray_cluster(tmp_path_factory):
     """``(address, registry root)`` of a local Ray cluster that lives for this module."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, namespace="pluristeer-tests")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="pluristeer-tests")
     try:
         yield ray.get_runtime_context().gcs_address, tmp_path_factory.mktemp("registry")
     finally:
@@ -109,6 +109,7 @@ def test_a_set_published_by_one_driver_is_fetched_by_another_after_it_exits(
         assert total == pytest.approx(float(written[p].sum()), abs=1e-5)
 
 
+@pytest.mark.fault
 def test_registry_recovers_from_a_lost_actor_and_watchers_see_new_versions(ray_cluster, tmp_path: Path) -> None:
     import ray
 

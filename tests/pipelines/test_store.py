@@ -76,6 +76,7 @@ def test_fp16_storage(tmp_path: Path) -> None:
     torch.testing.assert_close(store.read(1), torch.from_numpy(full[1].astype(np.float16).astype(np.float32)))
 
 
+@pytest.mark.hostile
 def test_incomplete_corrupt_and_mismatched_stores_are_refused(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="manifest.json is missing"):
         ActivationStore(tmp_path)

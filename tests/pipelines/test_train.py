@@ -1,13 +1,18 @@
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
+import yaml
 
 from pipelines.config import ConfigError
 from pipelines.corpus import iter_documents
@@ -31,7 +36,7 @@ REPO = Path(__file__).resolve().parents[2]
 def ray_cluster():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never another's Ray
     yield
     ray.shutdown()
 
@@ -134,6 +139,7 @@ def test_ray_train_with_two_ddp_workers_completes_with_a_checkpoint(
     assert list((tmp_path / "wandb").glob("offline-run-*")), "rank 0 logged to W&B (offline)"
 
 
+@pytest.mark.fault
 def test_deepspeed_zero2_run_resumes_after_a_worker_is_killed(ray_cluster, tiny_store: Path, tmp_path: Path) -> None:
     cfg = _cfg(tiny_store, tmp_path, deepspeed=True, zero_stage=2, checkpoint_every=5, inject_failure_at_step=12)
     result = run_train(cfg)
@@ -153,3 +159,66 @@ def test_cli_train_reports_config_errors_without_a_traceback(tiny_store: Path, t
     assert proc.returncode == 2 and "less than one per-worker batch" in proc.stderr and "Traceback" not in proc.stderr
     with pytest.raises(ConfigError, match=r"unknown field\(s\) \['wrkers'\]"):
         TrainConfig.load(config, ["wrkers=2"])
+
+
+def _latest_step(snapshot: Path) -> dict | None:
+    """The metrics of the newest checkpoint Ray Train recorded for a run (None before the first one)."""
+    try:
+        latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result")
+    except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or being rewritten
+        return None
+    return latest["metrics"] if latest else None
+
+
+@pytest.mark.fault
+def test_killed_driver_resumes_from_its_last_checkpoint(ray_cluster, tiny_store: Path, tmp_path: Path) -> None:
+    """SIGKILL `pluristeer train` (the driver and the Ray it started) once the run has recorded checkpoints;
+    rerunning the same command resumes from the newest one and ends with the same SAE, bit for bit, as an
+    uninterrupted run, so no step was lost or done twice."""
+    small = {"expansions": [4], "batch_size": 128, "epochs": 1, "workers": 1, "cpus_per_worker": 0.5,
+             "checkpoint_every": 8, "log_every": 8}  # fmt: skip
+    cfg = _cfg(tiny_store, tmp_path / "killed", **small)
+    total = 8192 // 128
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own Ray, killed with it
+    env.update(PYTHONPATH=str(REPO), WANDB_MODE="disabled")
+    command = [sys.executable, "-m", "pipelines.cli", "train", "--config", str(path)]
+    snapshot = cfg.output_dir / "ray" / cfg.run_name(3) / "checkpoint_manager_snapshot.json"
+    driver = subprocess.Popen(
+        command, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path
+    )
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and driver.poll() is None:
+            if (_latest_step(snapshot) or {}).get("step", 0) >= 16:
+                break
+            time.sleep(0.05)
+    finally:  # the driver and every process of the Ray it started (raylet, GCS, controller, worker) at once
+        procs = [psutil.Process(driver.pid), *psutil.Process(driver.pid).children(recursive=True)]
+        os.killpg(driver.pid, signal.SIGKILL)
+        for proc in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+        psutil.wait_procs(procs, timeout=60)
+        driver.wait()
+    log = driver.stdout.read().decode()[-3000:] if driver.stdout else ""
+    killed_at = (_latest_step(snapshot) or {}).get("step", 0)
+    time.sleep(2)
+    assert (_latest_step(snapshot) or {}).get("step", 0) == killed_at, "something of the killed run still wrote"
+    assert 16 <= killed_at < total, log
+    assert not list(cfg.output_dir.glob("L3-*")), "the killed run must not have exported SAEs"
+
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
+    assert f"trained {total} steps, {total * 128} tokens" in rerun.stdout
+    final = _latest_step(snapshot)
+    assert final is not None and final["step"] == total and final["resumed_from_step"] == killed_at
+    assert final["tokens"] == total * 128  # the token count continued from the checkpoint, not from 0
+
+    reference = run_train(_cfg(tiny_store, tmp_path / "reference", **small))
+    assert reference.steps == total and reference.report["resumed_from_step"] == 0
+    resumed = SparseAutoencoder.load(cfg.output_dir / "L3-topk-4x-k4")
+    uninterrupted = SparseAutoencoder.load(reference.sae_dirs["topk-4x-k4"])
+    for name, tensor in resumed.state_dict().items():
+        assert torch.equal(tensor, uninterrupted.state_dict()[name]), name

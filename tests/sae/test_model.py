@@ -74,6 +74,7 @@ def test_we_load_sae_lens_saes(tmp_path: Path, arch: str) -> None:
     torch.testing.assert_close(ours(x), theirs.decode(theirs.encode(x)), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.hostile
 def test_corrupt_sae_directories_get_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(SAEFormatError, match="cfg.json is missing"):
         SparseAutoencoder.load(tmp_path)

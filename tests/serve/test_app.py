@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -65,7 +66,7 @@ def app(embedded, embedded_sae, tmp_path_factory):
     patch = pytest.MonkeyPatch()
     patch.setenv("PLURISTEER_API_KEYS", f"another-key, {KEY}")  # before ray.init: the replicas inherit it
     t0 = time.perf_counter()
-    ray.init(num_cpus=2, include_dashboard=False, namespace="pluristeer-serve-tests")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="pluristeer-serve-tests")
     try:
         t1 = time.perf_counter()
         vs = _derive(*embedded, embedded_sae)
@@ -202,6 +203,7 @@ ENDPOINTS = [
 ]  # fmt: skip
 
 
+@pytest.mark.security
 def test_keys_are_required_everywhere_but_healthz(app) -> None:
     for method, path, body in ENDPOINTS:
         for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": KEY}):
@@ -238,6 +240,7 @@ BAD = [
 ]
 
 
+@pytest.mark.hostile
 @pytest.mark.parametrize(("path", "body", "message"), BAD, ids=[f"{p}-{m[:20]}" for p, _, m in BAD])
 def test_bad_bodies_are_422_with_a_message(app, path: str, body: dict[str, Any], message: str) -> None:
     r = app.post(path, body)
@@ -245,6 +248,7 @@ def test_bad_bodies_are_422_with_a_message(app, path: str, body: dict[str, Any],
     assert message in r.json()["error"]["message"]
 
 
+@pytest.mark.hostile
 def test_not_json_is_422(app) -> None:
     r = httpx.post(
         app.url + "/v1/completions", content=b"{", headers={**app.headers, "content-type": "application/json"}
@@ -252,6 +256,32 @@ def test_not_json_is_422(app) -> None:
     assert r.status_code == 422 and r.json()["error"]["message"]
 
 
+RAW = [  # (id, raw body, status, message part): what JSON parsers and schemas are often lenient about
+    ("nan-literal", b'{"prompt": "x", "temperature": NaN}', 422, "temperature"),
+    ("infinity-literal", b'{"prompt": "x", "decoding": {"alpha": Infinity}}', 422, "decoding.alpha"),
+    ("huge-number", b'{"prompt": "x", "max_tokens": 1e400}', 422, "max_tokens"),
+    ("negative", b'{"prompt": "x", "max_tokens": -5}', 422, "max_tokens"),
+    ("deep-nesting", b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400, "error parsing the body"),
+    ("lone-surrogate", b'{"prompt": "\\ud800 hi", "max_tokens": 1}', 422, "unable to parse raw data as a unicode"),
+    ("null-bytes", b'{"prompt": "a\\u0000b", "max_tokens": 1}', 200, ""),
+    ("many-prompts", json.dumps({"prompt": ["x"] * 1000, "max_tokens": 1}).encode(), 422, "at most 8"),
+    ("over-the-body-limit", b'{"prompt": "' + b"x" * 1_100_000 + b'"}', 413, "larger than"),
+    ("not-an-object", b"[1, 2, 3]", 422, ""),
+    ("wrong-type-perspectives", b'{"prompt": "x", "perspectives": "France"}', 422, "perspectives"),
+]
+
+
+@pytest.mark.hostile
+@pytest.mark.parametrize(("body", "status", "message"), [r[1:] for r in RAW], ids=[r[0] for r in RAW])
+def test_hostile_raw_bodies_get_a_clear_4xx(app, body: bytes, status: int, message: str) -> None:
+    headers = {**app.headers, "content-type": "application/json"}
+    r = httpx.post(app.url + "/v1/completions", content=body, headers=headers, timeout=120)
+    assert r.status_code == status, r.text[:500]
+    if status != 200:
+        assert message in r.json()["error"]["message"], r.text[:500]
+
+
+@pytest.mark.hostile
 def test_fuzzed_requests_never_get_a_server_error(app) -> None:
     """Schemathesis cases from the API's own OpenAPI schema (valid and invalid), a bounded number."""
     import schemathesis
@@ -338,6 +368,23 @@ def test_a_new_vector_version_is_picked_up_without_a_restart(app, embedded, embe
     assert abs(fused["perspectives"][target]["probs"][0] - after["perspectives"][target]["probs"][0]) < 1e-4
 
 
+def test_bounded_load_has_no_errors_and_leaks_no_sessions(app) -> None:
+    """benchmarks/load.py, short: 30 requests of every kind, 6 in flight; every one answered as expected
+    (3 refused with 422 on purpose), and the replicas hold no more KV-cached sessions afterwards than before."""
+    import asyncio
+
+    from benchmarks.load import render, run_load
+
+    report = asyncio.run(run_load(app.url, KEY, requests=30, concurrency=6, time_cap_s=240, max_tokens=3, warmup=0))
+    print(render(report))
+    assert report.errors == 0, report.error_samples
+    assert report.started == report.ok == 30 and report.rejected_as_expected == 3
+    assert report.peak_concurrency == 6 and report.completion_tokens >= 3 * 20
+    assert len(report.memory_after) == len(app.perspectives) + 2  # every model deployment was scraped
+    assert report.sessions_after() <= sum(m["sessions"] for m in report.memory_before.values())
+
+
+@pytest.mark.fault
 def test_killing_a_perspective_replica_loses_no_request(app) -> None:
     """8 streamed generations run; one perspective's replica is killed after each has its first tokens; all 8
     finish with every token (the aggregator retries, the restarted replica replays the prefixes)."""
@@ -390,3 +437,27 @@ def test_killing_a_perspective_replica_loses_no_request(app) -> None:
     ]
     assert replays and float(replays[0].split()[-1]) >= 1, "the restarted replica replayed the sessions' prefixes"
     assert _stats(victim)["pid"] != old_pid
+
+
+@pytest.mark.security
+def test_api_keys_never_reach_logs_or_responses(app) -> None:
+    """After every request of this module (good, wrong and missing keys, errors, a replica killed): no log file
+    of the Ray session and no response carries a key, and an unknown key sent in every place is not echoed."""
+    import ray
+
+    probe = "probe-key-9c41e2"
+    for headers in ({"Authorization": f"Bearer {probe}"}, {"Authorization": probe}, {"X-Api-Key": probe}):
+        r = httpx.post(app.url + "/v1/completions?api_key=" + probe, json={"prompt": probe, "max_tokens": 999},
+                       headers=headers, timeout=30)  # fmt: skip
+        assert r.status_code == 401 and probe not in r.text
+    bad = app.post("/v1/completions", {"prompt": "x", "max_tokens": 999, "user": probe})
+    assert bad.status_code == 422 and KEY not in bad.text
+    metrics = httpx.get(app.url + "/metrics", headers=app.headers, timeout=30).text
+    assert KEY not in metrics and "another-key" not in metrics
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    files = [p for p in logs.rglob("*") if p.is_file()]
+    assert len(files) > 10 and any("serve" in str(p) for p in files), files[:20]
+    for path in files:
+        data = path.read_bytes()
+        for secret in (KEY, "another-key", probe):
+            assert secret.encode() not in data, f"{secret} found in {path}"

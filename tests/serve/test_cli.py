@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
+import pytest
 import torch
 
 from sae.lm import model_name
@@ -34,6 +36,7 @@ def test_without_keys_or_vectors_it_says_what_to_set(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "vectors: a registry name is required" in proc.stderr
 
 
+@pytest.mark.security
 def test_serve_starts_answers_and_stops_on_ctrl_c(tmp_path: Path, embedded, embedded_sae) -> None:
     model, _ = embedded
     sae = embedded_sae.sae
@@ -63,6 +66,10 @@ def test_serve_starts_answers_and_stops_on_ctrl_c(tmp_path: Path, embedded, embe
         while time.monotonic() < deadline and proc.poll() is None and not any("pluristeer serving" in x for x in lines):
             time.sleep(0.5)  # the URL line: serve.run has returned and the command blocks now
         assert httpx.get(url + "/healthz", timeout=30).status_code == 200, "".join(lines)[-3000:]
+        listening = {
+            c.laddr.ip for c in psutil.net_connections("inet") if c.status == "LISTEN" and c.laddr.port == port
+        }
+        assert listening == {"127.0.0.1"}, f"the API must bind to loopback by default, not {listening}"
         r = httpx.post(url + "/v1/completions", headers={"Authorization": "Bearer k"}, timeout=120,
                        json={"prompt": "Hello", "max_tokens": 3, "temperature": 0})  # fmt: skip
         assert r.status_code == 200 and r.json()["pluristeer"]["perspectives"] == ["calm"]
