@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test lint cluster-check clean
+.PHONY: install demo test lint audit cluster-check clean
 
 install: $(STAMP)
 
@@ -31,11 +31,16 @@ demo: $(STAMP)
 # pytest's exit code 5 means "no tests collected": that is a failure here, not a pass.
 test: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/python scripts/audit.py
 	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+# pip-audit of requirements.lock; --strict also fails when the vulnerability database cannot be reached.
+audit: $(STAMP)
+	$(BIN)/python scripts/audit.py --strict
 
 # Static checks of ray_config.yaml, the KubeRay manifests and the Dockerfiles (also part of `make test`).
 cluster-check: $(STAMP)
