@@ -229,8 +229,8 @@ def demo(
     data_dir: DataOpt = None,
     model: Annotated[str, typer.Option(help="'embedded', a local path or a Hugging Face id")] = "embedded",
     out: Annotated[Path, typer.Option(help="where the demo writes its outputs (a rerun resumes)")] = Path("runs/demo"),
-    tokens: Annotated[int, typer.Option(help="activation rows to collect for the SAE")] = 50_000,
-    limit: Annotated[int, typer.Option(help="test records per perspective in the evaluation slice")] = 12,
+    tokens: Annotated[int, typer.Option(help="activation rows to collect for the SAE")] = 200_000,
+    limit: Annotated[int, typer.Option(help="test records per perspective in the evaluation slice")] = 20,
 ) -> None:
     """The whole pipeline on a small scale: collect -> train an 8x SAE -> vectors -> evaluate -> results table."""
     from pipelines.config import ConfigError

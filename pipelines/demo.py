@@ -33,12 +33,12 @@ _UNITS = re.compile(r"^evaluate: unit (\d+)/(\d+)")
 class DemoSettings:
     """The demo's small settings (``pluristeer demo --tokens ... --limit ...``)."""
 
-    tokens: int = 50_000  # activation rows collected for the SAE
-    epochs: float = 4.0  # SAE training passes over them
+    tokens: int = 200_000  # activation rows collected for the SAE
+    epochs: float = 2.0  # SAE training passes over them
     layer: int = 15
     tasks: tuple[str, ...] = ("crehate", "globalopinionqa")
     perspectives: int = 3  # per task
-    limit: int = 12  # test records per perspective
+    limit: int = 20  # test records per perspective
     samples: int = 50  # feedback samples per perspective for the vectors
     conditions: tuple[str, ...] = (
         "zero-shot",
