@@ -144,10 +144,13 @@ class EvalConfig(StageConfig):
         """Every SAE the conditions steer with is configured."""
         from pipelines.config import ConfigError
 
-        for size in sorted({c.steer.sae for c in conditions if c.steer is not None and c.steer.sae}):
-            if getattr(self, f"sae_{size}") is None:
-                users = sorted({c.name for c in conditions if c.steer is not None and c.steer.sae == size})
-                raise ConfigError(f"sae_{size}: not set, but conditions {users} steer with it")
+        missing = []
+        for size in ("8x", "32x"):
+            users = sorted({c.name for c in conditions if c.steer is not None and c.steer.sae == size})
+            if users and getattr(self, f"sae_{size}") is None:
+                missing.append(f"sae_{size}: not set, but conditions {users} steer with it")
+        if missing:
+            raise ConfigError("; ".join(missing))
 
     def condition_objects(self, task: str) -> list[Condition]:
         switches = Switches(
@@ -599,10 +602,10 @@ def run_evaluate(cfg: EvalConfig, *, echo: Callable[[str], None] = print) -> Eva
     git = git_commit()  # at the start: the code that runs, whatever happens to the tree meanwhile
     tokenizer = load_tokenizer(cfg.model)
     n_layers = int(AutoConfig.from_pretrained(resolve_model(cfg.model).path).num_hidden_layers)
+    conditions = {name: cfg.condition_objects(name) for name in cfg.tasks}
+    cfg.check_saes([c for cs in conditions.values() for c in cs])  # before the layer: name the missing SAE
     layer = resolve_layer(cfg)
     tasks = [load_task(cfg, name) for name in cfg.tasks]
-    conditions = {t.name: cfg.condition_objects(t.name) for t in tasks}
-    cfg.check_saes([c for cs in conditions.values() for c in cs])
     units = plan_all(cfg, tasks, tokenizer, conditions)
     counts = [unit_tokens(u, tokenizer, layer, n_layers) for u in units]
     planned = {k: sum(c[k] for c in counts) for k in ("full", "resumed", "equivalent")}
