@@ -36,7 +36,7 @@ class DemoSettings:
     tokens: int = 200_000  # activation rows collected for the SAE
     epochs: float = 2.0  # SAE training passes over them
     layer: int = 15
-    tasks: tuple[str, ...] = ("crehate", "globalopinionqa")
+    tasks: tuple[str, ...] = ("crowd_truthfulness", "globalopinionqa")
     perspectives: int = 3  # per task
     limit: int = 20  # test records per perspective
     samples: int = 50  # feedback samples per perspective for the vectors
@@ -48,7 +48,8 @@ class DemoSettings:
         "pd-dvd",
         "pd-dvd+steer",
     )
-    coeff: float = 0.5  # the sweep's pick for both tasks (results/smollm2-135m/sweep.json)
+    # the sweep's picks on the train split (results/smollm2-135m/sweep.json)
+    coeffs: tuple[tuple[str, float], ...] = (("crowd_truthfulness", 2.0), ("globalopinionqa", 0.5))
 
 
 def data_table(data: str | Path | None) -> dict[str, dict[str, int]]:
@@ -155,22 +156,21 @@ def run_demo(
         f"CE loss recovered {ev.get('ce_loss_recovered', float('nan')):.3f}"
     )
 
-    console.rule(f"[bold]4/5 steering vectors from {s.samples} samples per perspective (CREHate)")
+    console.rule(f"[bold]4/5 steering vectors from {s.samples} samples per perspective (crowd truthfulness)")
     cfg_v = VectorConfig.from_dict(
         {
             "sae": sae_dir,
             "model": model_id,
-            "data": "crehate",
+            "data": "crowd_truthfulness",
             "samples": s.samples,
             "max_perspectives": s.perspectives,
             "out": out / "vectors",
-            "name": "demo-crehate",
+            "name": "demo-truthfulness",
         }
     )
     with stage_bar("vectors"):
-        res_v = run_vectors(cfg_v, console=console)
+        run_vectors(cfg_v, console=console)
     paths["vectors"] = out / "vectors"
-    del res_v
 
     console.rule(f"[bold]5/5 evaluate a slice: {', '.join(s.tasks)}, {s.limit} records × {s.perspectives} perspectives")
     cfg_e = EvalConfig.from_dict(
@@ -182,7 +182,7 @@ def run_demo(
             "limit": s.limit,
             "max_perspectives": s.perspectives,
             "samples": s.samples,
-            "coeff": s.coeff,
+            "task_coeffs": dict(s.coeffs),
             "pd_k_distribution": s.perspectives,
             "out": out / "results",
             "work_dir": out / "eval-work",

@@ -22,7 +22,7 @@ def test_demo_runs_the_whole_pipeline_and_resumes(data_root: Path, tmp_path: Pat
     rows = [json.loads(line) for line in (out / "results" / "rows.jsonl").read_text().splitlines()]
     conditions = {r["condition"] for r in rows}
     assert {"zero-shot", "steer-8x-fine", "pd-dvd+steer"} <= conditions
-    assert {r["task"] for r in rows} == {"crehate", "globalopinionqa"}
+    assert {r["task"] for r in rows} == {"crowd_truthfulness", "globalopinionqa"}
     assert "demo finished" in first.stdout and "zero-shot" in first.stdout  # the results table was printed
 
     second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
