@@ -59,7 +59,8 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, **kwarg
     options: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": True, **kwargs}
     if address is None and not os.environ.get("RAY_ADDRESS"):
         # The dashboard serves the State API (Ray Train's placement-group cleaner polls it) and Ray Jobs;
-        # PLURISTEER_RAY_DASHBOARD=0 turns it off for a leaner local Ray.
+        # PLURISTEER_RAY_DASHBOARD=0 turns it off for a leaner local Ray (not for `train`: without the State API
+        # Ray Train's cleaner takes the live run for dead and removes its placement group).
         if os.environ.get("PLURISTEER_RAY_DASHBOARD", "1") == "0":
             options.setdefault("include_dashboard", False)
         if num_cpus is not None:

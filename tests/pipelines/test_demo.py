@@ -9,7 +9,7 @@ from pathlib import Path
 
 def test_demo_runs_the_whole_pipeline_and_resumes(data_root: Path, tmp_path: Path) -> None:
     """`pluristeer demo` at its smallest: every stage writes its output, and a rerun reuses them all."""
-    env = {**os.environ, "PLURISTEER_DATA": str(data_root), "COLUMNS": "160", "PLURISTEER_RAY_DASHBOARD": "0"}
+    env = {**os.environ, "PLURISTEER_DATA": str(data_root), "COLUMNS": "160"}
     out = tmp_path / "demo"
     cmd = [sys.executable, "-m", "pipelines.cli", "demo", "--out", str(out), "--tokens", "4096", "--limit", "1"]
     first = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
