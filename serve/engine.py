@@ -148,7 +148,40 @@ def _plain_kv_layers(cache: Any) -> bool:
     return all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", [None]))
 
 
-class StepEngine:
+class EngineBase:
+    """What both step engines (this one and :class:`serve.fused.FusedEngine`) hold: the model, how to get
+    the current steering, the session cache, the bounds of one forward, counters, and the row checks."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        steering: Callable[[], Steering | None],
+        cache: SessionCache | None = None,
+        max_rows: int = 32,
+        max_tokens: int = 8192,
+        pad_id: int = 0,
+    ) -> None:
+        self.model = model
+        self.steering = steering
+        self.cache = cache if cache is not None else SessionCache()
+        self.max_rows = max_rows
+        self.max_tokens = max_tokens
+        self.pad_id = pad_id
+        self.vocab = model.get_output_embeddings().weight.shape[0]
+        self.counters = {"rows": 0, "forwards": 0, "tokens": 0, "hits": 0, "replays": 0}
+
+    def _check_row(self, row: Row, s: Steering | None) -> None:
+        """A row's token ids are in the vocabulary and its perspective is in the current set."""
+        if not row.ids:
+            raise ValueError("a row needs at least one token")
+        if min(row.ids) < 0 or max(row.ids) >= self.vocab:
+            raise ValueError(f"token ids must be in [0, {self.vocab})")
+        if s is not None and row.perspective is not None and row.perspective not in s.vector_set.vectors:
+            raise ValueError(f"unknown perspective {row.perspective!r}; this set has {s.vector_set.perspectives}")
+
+
+class StepEngine(EngineBase):
     """Batched next-token logits with per-session KV caches for one model (see the module docstring).
 
     ``steering`` is called once per :meth:`step` and returns the current :class:`Steering` (or ``None`` for
@@ -166,16 +199,9 @@ class StepEngine:
         max_tokens: int = 8192,
         pad_id: int = 0,
     ) -> None:
-        self.model = model
-        self.steering = steering
-        self.cache = cache if cache is not None else SessionCache()
-        self.max_rows = max_rows
-        self.max_tokens = max_tokens
-        self.pad_id = pad_id
+        super().__init__(model, steering=steering, cache=cache, max_rows=max_rows, max_tokens=max_tokens, pad_id=pad_id)
         self.device = next(model.parameters()).device
-        self.vocab = model.get_output_embeddings().weight.shape[0]
         self._checked: Any = object()
-        self.counters = {"rows": 0, "forwards": 0, "tokens": 0, "hits": 0, "replays": 0}
 
     # -- steering ------------------------------------------------------------------------------------
     def _current(self) -> Steering | None:
@@ -214,13 +240,8 @@ class StepEngine:
         decode: list[tuple[int, Row, _Entry | None, list[int]]] = []
         replay: list[tuple[int, Row, _Entry | None, list[int]]] = []
         for i, row in enumerate(rows):
+            self._check_row(row, s)
             ids = list(row.ids)
-            if not ids:
-                raise ValueError("a row needs at least one token")
-            if min(ids) < 0 or max(ids) >= self.vocab:
-                raise ValueError(f"token ids must be in [0, {self.vocab})")
-            if s is not None and row.perspective is not None and row.perspective not in s.vector_set.vectors:
-                raise ValueError(f"unknown perspective {row.perspective!r}; this set has {s.vector_set.perspectives}")
             entry = self.cache.get(row.key) if row.key is not None else None
             if entry is not None and (
                 entry.version != version
@@ -327,4 +348,4 @@ class StepEngine:
             self.cache.put(row.key, entry)
 
 
-__all__ = ["Row", "RowOut", "SessionCache", "Steering", "StepEngine"]
+__all__ = ["EngineBase", "Row", "RowOut", "SessionCache", "Steering", "StepEngine"]

@@ -32,7 +32,7 @@ from torch import nn
 
 from sae.hooks import decoder_layers, resolve_layer
 from serve.decoding import last_logits
-from serve.engine import Row, RowOut, SessionCache, Steering, StepEngine
+from serve.engine import EngineBase, Row, RowOut, SessionCache, Steering, StepEngine
 
 
 class _Stop(Exception):
@@ -80,7 +80,7 @@ def _group_key(group: str) -> str:
     return f"{group}/#fused"
 
 
-class FusedEngine:
+class FusedEngine(EngineBase):
     """:class:`serve.engine.StepEngine`'s ``step`` for rows grouped by session (``Row.group``: rows of a group
     have the same ids), computing the blocks below the steering layer once per group."""
 
@@ -94,16 +94,9 @@ class FusedEngine:
         max_tokens: int = 8192,
         pad_id: int = 0,
     ) -> None:
-        self.model = model
-        self.steering = steering
-        self.cache = cache if cache is not None else SessionCache()
-        self.max_rows = max_rows
-        self.max_tokens = max_tokens
-        self.pad_id = pad_id
+        super().__init__(model, steering=steering, cache=cache, max_rows=max_rows, max_tokens=max_tokens, pad_id=pad_id)
         self.blocks = decoder_layers(model)
-        self.vocab = model.get_output_embeddings().weight.shape[0]
         self._plain = StepEngine(model, steering=steering, cache=SessionCache(0), pad_id=pad_id)  # checks sets
-        self.counters = {"rows": 0, "forwards": 0, "tokens": 0, "hits": 0, "replays": 0}
 
     def step(self, rows: Sequence[Row]) -> list[RowOut]:
         s = self._plain._current()
@@ -111,10 +104,7 @@ class FusedEngine:
         layer = resolve_layer(self.model, s.vector_set.meta.layer)
         groups: dict[str, list[int]] = {}
         for i, row in enumerate(rows):
-            if not row.ids or min(row.ids) < 0 or max(row.ids) >= self.vocab:
-                raise ValueError(f"a row needs token ids in [0, {self.vocab})")
-            if row.perspective is not None and row.perspective not in s.vector_set.vectors:
-                raise ValueError(f"unknown perspective {row.perspective!r}; this set has {s.vector_set.perspectives}")
+            self._check_row(row, s)
             groups.setdefault(row.group if row.group is not None else uuid.uuid4().hex, []).append(i)
         out: list[RowOut | None] = [None] * len(rows)
         decode, replay = [], []
