@@ -23,7 +23,6 @@ import contextlib
 import json
 import os
 import random
-import socket
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -292,7 +291,7 @@ def render(report: LoadReport) -> str:
 
 
 def _serve_benchmark() -> Any:
-    """benchmarks/serve.py as a module (for its VectorSet derivation); benchmarks/ is not a package."""
+    """benchmarks/serve.py as a module (for its app start-up); benchmarks/ is not a package."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("benchmarks_serve", _HERE / "serve.py")
@@ -302,39 +301,12 @@ def _serve_benchmark() -> Any:
 
 
 def _start_app(args: argparse.Namespace) -> tuple[str, str]:
-    """A local Ray + Serve app (both backends, 3 perspectives); returns its URL and key."""
-    import ray
-    from ray import serve
-
-    from pipelines.registry import RegistryClient
-    from serve.app import build, resolve_perspectives
-    from serve.config import ServeConfig
-
-    key = "load-" + os.urandom(8).hex()
-    os.environ["PLURISTEER_API_KEYS"] = key  # before ray.init: the replicas inherit it
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, 2), include_dashboard=False, log_to_driver=False)
-    name = args.vectors or "load-gqa-fine"
-    if args.sae is not None:
-        RegistryClient(args.registry_dir).publish(_serve_benchmark()._derive(args.sae, 3, 8), name)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    fixed = {"num_replicas": 1, "max_ongoing_requests": 64}
-    cfg = ServeConfig.from_dict(
-        {
-            "vectors": name, "registry_dir": str(args.registry_dir), "backend": "both", "port": port,
-            "replica_cpus": args.replica_cpus, "aggregator_cpus": 0.25, "torch_threads": 1,
-            "max_tokens_limit": max(args.tokens, 16), "max_perspectives": 3,
-            "deployments": {n: fixed for n in ("PluralAggregator", "BaseModel", "PerspectiveModel", "FusedPlural")},
-        }
+    """A local Ray + Serve app (both backends, 3 perspectives; benchmarks/serve.py's); returns its URL and key."""
+    url, key, _ = _serve_benchmark().start_app(
+        sae=args.sae, vectors=args.vectors, registry_dir=args.registry_dir, samples=8,
+        replica_cpus=args.replica_cpus, tokens=args.tokens, prefix="load",
     )  # fmt: skip
-    perspectives = resolve_perspectives(cfg)[:3]
-    cfg = ServeConfig.from_dict({**cfg.to_dict(), "perspectives": perspectives})
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    t0 = time.perf_counter()
-    serve.run(build(cfg, perspectives), name=cfg.app_name, route_prefix="/")
-    print(f"app up in {time.perf_counter() - t0:.0f} s at http://127.0.0.1:{port}; perspectives {perspectives}")
-    return f"http://127.0.0.1:{port}", key
+    return url, key
 
 
 def main() -> None:

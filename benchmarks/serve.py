@@ -94,6 +94,54 @@ def _pct(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, round(q * (len(s) - 1)))]
 
 
+def start_app(
+    *,
+    sae: Path | None,
+    vectors: str | None,
+    registry_dir: Path,
+    samples: int,
+    replica_cpus: float,
+    tokens: int,
+    prefix: str,
+) -> tuple[str, str, list[str]]:
+    """A local Ray + Serve app on loopback (both backends, one replica per deployment, 3 perspectives) serving
+    ``vectors``, or a GlobalOpinionQA set derived from ``sae``; returns its URL, its key and the perspectives."""
+    import ray
+    from ray import serve
+
+    from pipelines.registry import RegistryClient
+    from serve.app import build, resolve_perspectives
+    from serve.config import ServeConfig
+
+    key = f"{prefix}-" + os.urandom(8).hex()
+    os.environ["PLURISTEER_API_KEYS"] = key  # before ray.init: the replicas inherit it
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, 2), include_dashboard=False, log_to_driver=False)
+    name = vectors or f"{prefix}-gqa-fine"
+    if sae is not None:
+        RegistryClient(registry_dir).publish(_derive(sae, 3, samples), name)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    fixed = {"num_replicas": 1, "max_ongoing_requests": 64}
+    cfg = ServeConfig.from_dict(
+        {
+            "vectors": name, "registry_dir": str(registry_dir), "backend": "both", "port": port,
+            "replica_cpus": replica_cpus, "aggregator_cpus": 0.25, "torch_threads": 1,
+            "max_tokens_limit": max(tokens, 16), "max_perspectives": 3,
+            "deployments": {n: fixed for n in ("PluralAggregator", "BaseModel", "PerspectiveModel", "FusedPlural")},
+        }
+    )  # fmt: skip
+    perspectives = resolve_perspectives(cfg)[:3]
+    cfg = ServeConfig.from_dict({**cfg.to_dict(), "perspectives": perspectives})
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    started = time.perf_counter()
+    serve.run(build(cfg, perspectives), name=cfg.app_name, route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    seconds = time.perf_counter() - started
+    print(f"app up in {seconds:.0f} s at {url}; perspectives {perspectives}; {os.cpu_count()} CPUs")
+    return url, key, perspectives
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sae", type=Path, help="derive a 3-perspective VectorSet with this SAE (GlobalOpinionQA)")
@@ -113,41 +161,16 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from pipelines.registry import RegistryClient
     from sae.lm import load_tokenizer
-    from serve.app import build, resolve_perspectives
     from serve.config import BASE, FUSED, ServeConfig, perspective_deployment
 
-    key = "bench-" + os.urandom(6).hex()
-    os.environ["PLURISTEER_API_KEYS"] = key
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, 2), include_dashboard=False, log_to_driver=False)
-    client = RegistryClient(args.registry_dir)
-    name = args.vectors or "bench-gqa-fine"
-    if args.sae is not None:
-        client.publish(_derive(args.sae, 3, args.samples), name)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    fixed = {"num_replicas": 1, "max_ongoing_requests": 64}
-    cfg = ServeConfig.from_dict(
-        {
-            "vectors": name, "registry_dir": str(args.registry_dir), "backend": "both", "port": port,
-            "replica_cpus": args.replica_cpus, "aggregator_cpus": 0.25, "torch_threads": 1,
-            "max_tokens_limit": max(args.tokens, 16), "max_perspectives": 3,
-            "deployments": {n: fixed for n in ("PluralAggregator", "BaseModel", "PerspectiveModel", "FusedPlural")},
-        }
+    url, key, perspectives = start_app(
+        sae=args.sae, vectors=args.vectors, registry_dir=args.registry_dir, samples=args.samples,
+        replica_cpus=args.replica_cpus, tokens=args.tokens, prefix="bench",
     )  # fmt: skip
-    perspectives = resolve_perspectives(cfg)[:3]
-    if args.vectors is not None:
-        cfg = ServeConfig.from_dict({**cfg.to_dict(), "perspectives": perspectives})
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    started = time.perf_counter()
-    serve.run(build(cfg, perspectives), name=cfg.app_name, route_prefix="/")
-    print(f"app up in {time.perf_counter() - started:.0f} s; perspectives {perspectives}; {os.cpu_count()} CPUs")
 
     tok = load_tokenizer("embedded")
     prompts = [_chat(tok, p) for p in PROMPTS]
-    url = f"http://127.0.0.1:{port}"
     common = {"max_tokens": args.tokens, "temperature": 0, "ignore_eos": True}
     scenarios = {
         "a": ("unsteered model", {**common, "perspectives": [], "backend": "replicas"}),
@@ -190,7 +213,7 @@ def main() -> None:
 
     memory = {}
     for dep in [BASE, *(perspective_deployment(p) for p in perspectives), FUSED]:
-        stats = serve.get_deployment_handle(dep, app_name=cfg.app_name).stats.remote().result(timeout_s=60)
+        stats = serve.get_deployment_handle(dep, app_name=ServeConfig.app_name).stats.remote().result(timeout_s=60)
         memory[dep] = {k: stats[k] for k in ("rss_bytes", "param_bytes", "sae_bytes", "cache_bytes", "sessions")}
     results["memory"] = memory
     print("\nmemory per model replica (MiB): resident / weights / SAE / KV caches")
