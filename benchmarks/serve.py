@@ -46,17 +46,16 @@ PROMPTS = [
 
 def _derive(sae_dir: Path, perspectives: int, samples: int):
     """A fine VectorSet from ``samples`` GlobalOpinionQA training records per perspective."""
-    from pipelines.datasets import load_records
-    from pipelines.vectors import VectorConfig, derive_fine, feedback_pairs, resolve_layer, select_samples, vector_sets
+    from pipelines.vectors import VectorConfig, config_pairs, derive_fine, resolve_layer, vector_sets
     from sae.lm import load_lm, model_name
     from sae.model import SparseAutoencoder
 
-    cfg = VectorConfig(sae=sae_dir, data="globalopinionqa", samples=samples, max_perspectives=perspectives,
+    cfg = VectorConfig(sae=sae_dir, task="globalopinionqa", samples=samples, max_perspectives=perspectives,
                        granularity="fine", publish=False, track=False)  # fmt: skip
     model, tok = load_lm("embedded")
     sae = SparseAutoencoder.load(sae_dir)
     layer = resolve_layer(cfg, sae)
-    pairs = feedback_pairs(cfg, tok, select_samples(cfg, load_records("globalopinionqa", "train")))
+    pairs = config_pairs(cfg, tok)
     readouts = derive_fine(cfg, model, tok, sae, layer, pairs)
     return vector_sets(cfg, readouts, model=model_name(model), layer=layer, sae=sae, extra={})["fine"]
 

@@ -6,7 +6,7 @@ stop after the readout layer, and encodes with the SAE once; with ``share_prefix
 prefix runs once into a KV cache and only the two suffixes run after it. All produce the same vectors
 (checked by cosine similarity).
 
-    PYTHONPATH=. python benchmarks/vector_derivation.py --sae DIR [--data crehate] [--samples 50] [--baseline 10]
+    PYTHONPATH=. python benchmarks/vector_derivation.py --sae DIR [--task crehate] [--samples 50] [--baseline 10]
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ import time
 
 import torch
 
-from pipelines.datasets import load_records
-from pipelines.vectors import VectorConfig, derive_fine, feedback_pairs, select_samples
+from pipelines.vectors import VectorConfig, config_pairs, derive_fine
 from sae.hooks import capture
 from sae.lm import load_lm
 from sae.model import SparseAutoencoder
@@ -41,7 +40,7 @@ def per_sample(model, tokenizer, sae, layer: int, pairs) -> tuple[dict[str, torc
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sae", required=True)
-    ap.add_argument("--data", default="crehate")
+    ap.add_argument("--task", default="crehate")
     ap.add_argument("--samples", type=int, default=50, help="per perspective, for the timed pluristeer run")
     ap.add_argument("--perspectives", type=int, default=5)
     ap.add_argument("--baseline", type=int, default=10, help="samples per perspective for the side-by-side")
@@ -50,16 +49,15 @@ def main() -> None:
     model, tok = load_lm("embedded")
     sae = SparseAutoencoder.load(args.sae)
     layer = int(sae.cfg.metadata.get("hook_layer", 15))
-    records = load_records(args.data, "train")
     print(f"torch threads: {torch.get_num_threads()}")
 
     def cfg(samples: int, share: bool = True) -> VectorConfig:
         return VectorConfig(
-            sae=args.sae, data=args.data, samples=samples, max_perspectives=args.perspectives, share_prefix=share
+            sae=args.sae, task=args.task, samples=samples, max_perspectives=args.perspectives, share_prefix=share
         )
 
     small = cfg(args.baseline)
-    pairs = feedback_pairs(small, tok, select_samples(small, records))
+    pairs = config_pairs(small, tok)
     derive_fine(small, model, tok, sae, layer, pairs[:4])  # warm-up
     t0 = time.perf_counter()
     base, base_tokens = per_sample(model, tok, sae, layer, pairs)
@@ -76,12 +74,12 @@ def main() -> None:
         )
 
     full = cfg(args.samples)
-    pairs = feedback_pairs(full, tok, select_samples(full, records))
+    pairs = config_pairs(full, tok)
     t0 = time.perf_counter()
     result = derive_fine(full, model, tok, sae, layer, pairs)
     elapsed = time.perf_counter() - t0
     print(
-        f"{args.data}: {len(result.counts)} perspectives x <= {args.samples} samples = {len(pairs)} pairs, "
+        f"{args.task}: {len(result.counts)} perspectives x <= {args.samples} samples = {len(pairs)} pairs, "
         f"{result.prompts} distinct prompts, {result.tokens} tokens: {elapsed:.2f} s "
         f"({result.tokens / elapsed:.0f} tokens/s)"
     )

@@ -12,7 +12,7 @@ import math
 import types
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -97,7 +97,12 @@ def coerce(value: Any, tp: Any, name: str) -> Any:
 
 @dataclasses.dataclass
 class StageConfig:
-    """Base of every stage config. Subclasses are plain dataclasses with defaults for every field."""
+    """Base of every stage config. Subclasses are plain dataclasses with defaults for every field.
+
+    ``RENAMED`` maps a field's old name to its new one: a config that still uses the old name gets an error
+    saying so, not silence."""
+
+    RENAMED: ClassVar[dict[str, str]] = {}
 
     def validate(self) -> None:
         """Range checks beyond types; raise :class:`ConfigError`. Overridden by stages."""
@@ -107,6 +112,9 @@ class StageConfig:
         data = dict(data or {})
         hints = get_type_hints(cls)
         fields = {f.name: f for f in dataclasses.fields(cls)}
+        renamed = [f"{old}: renamed to {cls.RENAMED[old]}" for old in sorted(data) if old in cls.RENAMED]
+        if renamed:
+            raise ConfigError(f"{where}: " + "; ".join(renamed))
         unknown = sorted(set(data) - set(fields))
         if unknown:
             raise ConfigError(f"{where}: unknown field(s) {unknown}; {cls.__name__} takes {sorted(fields)}")

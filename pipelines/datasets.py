@@ -9,7 +9,8 @@ The data directory is an argument or the ``PLURISTEER_DATA`` environment variabl
 - ``crowd_truthfulness``: one classify record per worker judgment (6 levels), perspective = the worker's
   political view, feedback = the written justification; split by statement. :func:`aggregate` turns
   judgments into per-(statement, view) distribution records.
-- any ``*.jsonl`` file in the record format (:mod:`pipelines.records`).
+
+The task registry (:mod:`pipelines.tasks`) names these loaders' tasks; a perspective JSONL is a task there too.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ import random
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-from pipelines.records import DataError, PerspectiveRecord, read_jsonl, record_from_dict
+from pipelines.records import DataError, PerspectiveRecord, record_from_dict
 
 DATA_ENV = "PLURISTEER_DATA"
 Split = Literal["train", "valid", "test", "all"]
@@ -118,7 +119,7 @@ def load_globalopinionqa(root: Path, split: Split = "all", *, train_size: int = 
                 raise DataError(f"{where}: field {name!r}: is required")
         row = {
             "id": item["id"],
-            "task": "distribution",
+            "kind": "distribution",
             "text": item["question"],
             "options": item["options"],
             "perspective": item["attribute"],
@@ -145,7 +146,7 @@ def load_crehate(root: Path, split: Split = "all"):
                 raise DataError(f"{where}: field '{code}_Hate': expected 0 or 1, got {raw!r}") from None
             record = {
                 "id": f"{row['ID']}:{code}",
-                "task": "classify",
+                "kind": "classify",
                 "text": row["Text"],
                 "options": list(YES_NO),
                 "perspective": country,
@@ -172,7 +173,7 @@ def load_mislc(root: Path, split: Split = "all", *, train_fraction: float = 0.3,
             raise DataError(f"{where}: field 'legal_label': expected one of {sorted(index)}, got {raw!r}")
         record = {
             "id": row["id"],
-            "task": "classify",
+            "kind": "classify",
             "text": row["claim"].strip(),
             "options": list(MISLC_OPTIONS),
             "perspective": f"annotator-{row['legal_annotator_id']}",
@@ -252,7 +253,7 @@ def _judgment(where, worker, statement_id, text, view, level, justification, sou
     return record_from_dict(
         {
             "id": f"{statement_id}:{worker}",
-            "task": "classify",
+            "kind": "classify",
             "text": text.strip(),
             "options": list(TRUTH_LEVELS),
             "perspective": view.strip(),
@@ -282,7 +283,7 @@ def aggregate(judgments: list[PerspectiveRecord], *, key: str = "statement_id") 
         out.append(
             PerspectiveRecord(
                 id=f"{sid}|{view}",
-                task="distribution",
+                kind="distribution",
                 text=rows[0].text,
                 options=rows[0].options,
                 perspective=view,
@@ -307,27 +308,6 @@ def load_definitions(root: Path) -> dict[str, str]:
 def load_protected_groups(root: Path) -> list[str]:
     path = _need(root, "legal_hatespeech_definitions/protected_groups.csv")
     return [row["protected_group"].strip() for _, row in _csv_rows(path, ("protected_group",))]
-
-
-LOADERS: dict[str, Callable[..., list[PerspectiveRecord]]] = {
-    "globalopinionqa": load_globalopinionqa,
-    "crehate": load_crehate,
-    "mislc": load_mislc,
-    "crowd_truthfulness": load_crowd_truthfulness,
-}
-
-
-def load_records(
-    name: str, split: Split = "all", data: str | Path | None = None, **options: Any
-) -> list[PerspectiveRecord]:
-    """Records of data set ``name`` (a loader name or a path to a ``.jsonl`` file) for ``split``."""
-    if name.endswith(".jsonl"):
-        if split != "all":
-            raise DataError(f"{name}: a JSONL file has no built-in split; use split='all'")
-        return list(read_jsonl(name))
-    if name not in LOADERS:
-        raise DataError(f"unknown data set {name!r}; known: {sorted(LOADERS)} or a path to a .jsonl file")
-    return LOADERS[name](data_dir(data), split, **options)
 
 
 def perspectives(records: list[PerspectiveRecord]) -> dict[str, int]:

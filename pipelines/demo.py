@@ -21,8 +21,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from pipelines.collect import CollectConfig, collect
-from pipelines.datasets import LOADERS, data_dir, perspectives
+from pipelines.datasets import data_dir, perspectives
 from pipelines.evaluate import EvalConfig, run_evaluate
+from pipelines.tasks import BUNDLED
 from pipelines.train import TrainConfig, run_train
 from pipelines.vectors import VectorConfig, run_vectors
 
@@ -63,11 +64,10 @@ def data_table(data: str | Path | None) -> dict[str, dict[str, int]]:
     for col in ("data set", "split", "records", "perspectives", "top perspectives"):
         table.add_column(col)
     counts: dict[str, dict[str, int]] = {}
-    for name, loader in LOADERS.items():
-        splits = ("train", "valid", "test") if name == "crehate" else ("train", "test")
+    for name, task in BUNDLED.items():
         counts[name] = {}
-        for split in splits:
-            records = loader(root, split)
+        for split in task.splits:
+            records = task.records(split, root)
             persp = perspectives(records)
             counts[name][split] = len(records)
             top = ", ".join(f"{p} ({n})" for p, n in list(persp.items())[:3])
@@ -161,7 +161,7 @@ def run_demo(
         {
             "sae": sae_dir,
             "model": model_id,
-            "data": "crowd_truthfulness",
+            "task": "crowd_truthfulness",
             "samples": s.samples,
             "max_perspectives": s.perspectives,
             "out": out / "vectors",

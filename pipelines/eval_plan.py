@@ -34,8 +34,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pipelines.prompts import Prompt, build_prompt, labels_of, task_spec
-from pipelines.records import DataError, PerspectiveRecord
+from pipelines.prompts import Prompt, PromptSpec, build_prompt, labels_of
+from pipelines.records import DataError, PerspectiveRecord, item_key
 
 ALL_CONDITIONS: tuple[str, ...] = (
     "zero-shot",
@@ -72,7 +72,7 @@ class SteerSpec:
 
     @property
     def sae(self) -> str | None:
-        return None if self.mode == "caa" else self.vectors.split("-")[0]
+        return None if self.mode == "caa" else self.vectors.rsplit("-", 1)[0]
 
     @property
     def name(self) -> str:
@@ -146,15 +146,13 @@ def vector_keys(conditions: Sequence[Condition]) -> list[str]:
 
 
 # -- tasks --------------------------------------------------------------------------------------------
-def item_key(record: PerspectiveRecord) -> str:
-    """Records of the same item (one post / question / claim / statement, several perspectives) share it."""
-    return hashlib.sha1(json.dumps([record.text, list(record.options)]).encode()).hexdigest()[:16]
-
-
 @dataclass
 class TaskData:
+    """One task as a run evaluates it: the scored records and what their prompts need."""
+
     name: str
     kind: str  # classify | distribution
+    prompt: PromptSpec
     records: list[PerspectiveRecord]  # the evaluated test records
     shots_pool: dict[str, list[PerspectiveRecord]]  # perspective -> solved training records (few-shot)
     vector_pool: list[PerspectiveRecord]  # training records the vectors are derived from
@@ -301,19 +299,19 @@ def plan_units(
     for r in task.records:
         items[item_key(r)].append(r)
     keys = list(items)
-    spec = task_spec(task.name)
+    spec = task.prompt
     units = []
     for u, first in enumerate(range(0, len(keys), items_per_unit)):
         b = UnitBuilder(start + u, task.name)
         for key in keys[first : first + items_per_unit]:
             group = items[key]
             head = group[0]
-            labels = labels_of(task.name, head)
+            labels = labels_of(spec, head)
 
             def prompt(record: PerspectiveRecord, persona: bool | str = True, shots=()) -> Prompt:
                 condition = "few-shot" if shots else "zero-shot"
                 return build_prompt(
-                    tokenizer, task.name, record, condition, shots=shots, persona=persona, context=task.context
+                    tokenizer, spec, record, condition, shots=shots, persona=persona, context=task.context
                 )
 
             for c in conditions:

@@ -91,7 +91,7 @@ class EvalWorker:
             vs.check(
                 self.model,
                 layer=self.spec.layer,
-                sae=None if name.startswith("caa") else self.saes[name[: name.index("-")]],
+                sae=None if name.startswith("caa") else self.saes[name.rsplit("-", 1)[0]],
             )
         self.resume = self.spec.resume and resume_supported(self.model, self.spec.layer)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -113,7 +113,7 @@ class EvalWorker:
 
     def _steer(self, task: str, spec: dict[str, Any], perspectives: list[str]):
         vs = self.sets[f"{task}/{spec['vectors']}"]
-        sae = None if spec["mode"] == "caa" else self.saes[spec["vectors"].split("-")[0]]
+        sae = None if spec["mode"] == "caa" else self.saes[spec["vectors"].rsplit("-", 1)[0]]
         return steer(
             self.model, self.spec.layer, [vs[p] for p in perspectives], mode=spec["mode"], sae=sae,
             coeff=spec["coeff"], keep_error=spec["keep_error"], steer_decode=spec["steer_decode"],

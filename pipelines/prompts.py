@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from common.config import ConfigError
 from pipelines.records import PerspectiveRecord
 
 Condition = Literal["zero-shot", "few-shot", "with-feedback"]
@@ -38,97 +39,88 @@ class PromptError(ValueError):
     """A prompt cannot be built as asked (unknown task, missing feedback or shots, ambiguous labels)."""
 
 
-def _letter_block(options: Sequence[str]) -> str:
+def letter_block(options: Sequence[str]) -> str:
     return "Options:\n" + "\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(options))
-
-
-def _mislc_answer(r: PerspectiveRecord) -> str:
-    return {
-        "No": "This claim does not contain misinformation.",
-        "Yes": "This claim contains misinformation.",
-        "Unsure": "It is unclear whether this claim contains misinformation.",
-    }.get(r.answer, f"The answer is {r.answer}.")
-
-
-def _crehate_answer(r: PerspectiveRecord) -> str:
-    verdict = "consider" if r.answer == "Yes" else "do not consider"
-    return f"People from {r.perspective} {verdict} this post hate speech."
-
-
-def _opinion_answer(r: PerspectiveRecord) -> str:
-    dist = r.distribution or ()
-    i = r.options.index(r.answer)
-    share = f" ({100 * dist[i]:.0f}% of respondents)" if dist else ""
-    return f'Most people in {r.perspective} answered "{LETTERS[i]}. {r.answer}"{share}.'
-
-
-def _truth_answer(r: PerspectiveRecord) -> str:
-    return f"I think this statement is {r.answer}."
 
 
 def _generic_answer(r: PerspectiveRecord) -> str:
     return f"The answer is {r.answer}."
 
 
-def _gqa_question(r: PerspectiveRecord) -> str:
-    # The data's text already holds "Question: ...\nOptions: A. ... \nAnswer:"; the answer prefix is ours.
-    return re.sub(r"\s*Answer:\s*$", "", r.text.strip())
+_PLACEHOLDER = re.compile(r"{(\w*)}")
+
+
+def _fields(template: str) -> set[str]:
+    return set(_PLACEHOLDER.findall(template))
 
 
 @dataclass(frozen=True)
-class TaskSpec:
-    """How one task is asked, what feedback looks like, and what is read out."""
+class PromptSpec:
+    """How a task's records are asked, what feedback looks like, and what is read out.
+
+    ``question`` turns a record into the question text; ``answer_sentence`` states the perspective's own
+    answer (the feedback of records without a rationale). ``persona`` is a format string with
+    ``{perspective}`` (``None``: the prompt names no perspective); ``feedback_tag`` labels the feedback block
+    (``Thinking: ...`` after the question, or before it when ``feedback_first``); ``letters`` reads out
+    option letters instead of the option words (robust when two labels share their first token).
+    """
 
     name: str
     question: Callable[[PerspectiveRecord], str]
-    answer_sentence: Callable[[PerspectiveRecord], str]
-    persona: str | None = None  # format string with {perspective}; None: the prompt names no perspective
+    answer_sentence: Callable[[PerspectiveRecord], str] = _generic_answer
+    persona: str | None = None
     feedback_tag: str = "Thinking"
-    feedback_first: bool = False  # opinions: the passage comes before the question
-    letters: bool = False  # read out option letters instead of the option words
+    feedback_first: bool = False
+    letters: bool = False
+    feedback_template: str | None = None  # a template with {feedback}; default "{feedback_tag}: {feedback}"
 
 
-TASKS: dict[str, TaskSpec] = {
-    "mislc": TaskSpec(
-        "mislc",
-        lambda r: f"Claim: {r.text}\n\nDoes this claim contain misinformation? Answer Yes, No, or Unsure.",
-        _mislc_answer,
-    ),
-    "crehate": TaskSpec(
-        "crehate",
-        lambda r: f"Post: {r.text}\n\nIs this post hate speech? Answer Yes or No.",
-        _crehate_answer,
-        persona="You are from the country of {perspective}.",
-    ),
-    "globalopinionqa": TaskSpec(
-        "globalopinionqa",
-        _gqa_question,
-        _opinion_answer,
-        persona="You are from the country of {perspective}.",
-        feedback_tag="Passage",
-        feedback_first=True,
-        letters=True,
-    ),
-    "crowd_truthfulness": TaskSpec(
-        "crowd_truthfulness",
-        lambda r: f"Statement: {r.text}\n\nHow truthful is this statement?\n{_letter_block(r.options)}",
-        _truth_answer,
-        persona="You describe your political views as {perspective}.",
-        letters=True,
-    ),
+GENERIC_QUESTION = {
+    "classify": "{text}\n\nOptions:\n{options}\n\nAnswer with the letter of the option that applies.",
+    "distribution": "{text}\n\nOptions:\n{options}\n\nAnswer with the letter of the option you would choose.",
 }
-GENERIC = TaskSpec(
-    "generic",
-    lambda r: f"Question: {r.text}\n{_letter_block(r.options)}",
-    _generic_answer,
-    persona="Answer as someone of this perspective: {perspective}.",
-    letters=True,
-)
+GENERIC_PERSONA = "Answer as someone of this perspective: {perspective}."
+TEMPLATE_FIELDS = {  # template key -> (placeholders it must hold, placeholders it may hold)
+    "question": ({"text", "options"}, {"text", "options"}),
+    "feedback": ({"feedback"}, {"feedback"}),
+    "persona": ({"perspective"}, {"perspective"}),
+}
 
 
-def task_spec(task: str) -> TaskSpec:
-    """The spec of a built-in task; any other name (e.g. a JSONL file) gets the generic letter prompt."""
-    return TASKS.get(task, GENERIC)
+def check_template(key: str, template: Any, where: str) -> str:
+    """``template`` if it is a string holding the placeholders ``key`` needs and no others; raises
+    :class:`ConfigError` naming ``where`` and the placeholder otherwise."""
+    if key not in TEMPLATE_FIELDS:
+        raise ConfigError(f"{where}: unknown template {key!r}; templates: {sorted(TEMPLATE_FIELDS)}")
+    if not isinstance(template, str) or not template.strip():
+        raise ConfigError(f"{where}.{key}: must be a non-empty string")
+    required, allowed = TEMPLATE_FIELDS[key]
+    found = _fields(template)
+    missing = sorted(required - found)
+    if missing:
+        raise ConfigError(f"{where}.{key}: the template has no placeholder {{{missing[0]}}} (needs {sorted(required)})")
+    extra = sorted(found - allowed)
+    if extra:
+        raise ConfigError(f"{where}.{key}: unknown placeholder {{{extra[0]}}} (allowed: {sorted(allowed)})")
+    return template
+
+
+def generic_spec(name: str, kind: str, templates: dict[str, str] | None = None) -> PromptSpec:
+    """The prompt of a user's task (any JSONL): the question with lettered options and a persona, each
+    overridable by a template (``question`` with ``{text}`` and ``{options}``, ``feedback`` with
+    ``{feedback}``, ``persona`` with ``{perspective}``; see :func:`check_template`)."""
+    templates = dict(templates or {})
+    for key, value in templates.items():
+        check_template(key, value, f"templates.{name}")
+    question = templates.get("question", GENERIC_QUESTION[kind])
+
+    def ask(r: PerspectiveRecord) -> str:
+        return question.format(text=r.text, options=letter_block(r.options).removeprefix("Options:\n"))
+
+    return PromptSpec(
+        name, ask, persona=templates.get("persona", GENERIC_PERSONA), letters=True,
+        feedback_template=templates.get("feedback"),
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -161,16 +153,19 @@ class Prompt:
         return len(ids) - 1
 
 
-def labels_of(task: str, record: PerspectiveRecord) -> tuple[str, ...]:
-    return tuple(LETTERS[: len(record.options)]) if task_spec(task).letters else tuple(record.options)
+def labels_of(spec: PromptSpec, record: PerspectiveRecord) -> tuple[str, ...]:
+    """What is read out for ``record``, one per option: option letters or the option words."""
+    return tuple(LETTERS[: len(record.options)]) if spec.letters else tuple(record.options)
 
 
-def answer_label(task: str, record: PerspectiveRecord) -> str:
+def answer_label(spec: PromptSpec, record: PerspectiveRecord) -> str:
     """What the record's perspective answers, as read out (its label word or option letter)."""
-    return labels_of(task, record)[record.options.index(record.answer)]
+    return labels_of(spec, record)[record.options.index(record.answer)]
 
 
-def feedback_text(task: str, record: PerspectiveRecord, source: FeedbackSource = "auto") -> tuple[str, str] | None:
+def feedback_text(
+    spec: PromptSpec, record: PerspectiveRecord, source: FeedbackSource = "auto"
+) -> tuple[str, str] | None:
     """``(feedback, kind)`` with kind ``rationale`` or ``answer``; ``None`` when ``source="rationale"`` and
     the record has none. ``auto`` prefers the rationale."""
     if source not in FEEDBACK_SOURCES:
@@ -179,14 +174,17 @@ def feedback_text(task: str, record: PerspectiveRecord, source: FeedbackSource =
         return record.feedback.strip(), "rationale"
     if source == "rationale":
         return None
-    return task_spec(task).answer_sentence(record), "answer"
+    return spec.answer_sentence(record), "answer"
 
 
-def _user_message(spec: TaskSpec, record: PerspectiveRecord, feedback: str | None) -> str:
+def _user_message(spec: PromptSpec, record: PerspectiveRecord, feedback: str | None) -> str:
     question = spec.question(record)
     if feedback is None:
         return question
-    block = f"{spec.feedback_tag}: {feedback}"
+    if spec.feedback_template is not None:
+        block = spec.feedback_template.format(feedback=feedback)
+    else:
+        block = f"{spec.feedback_tag}: {feedback}"
     return f"{block}\n\n{question}" if spec.feedback_first else f"{question}\n\n{block}"
 
 
@@ -212,7 +210,7 @@ def _render(tokenizer: Any, system: str | None, turns: list[tuple[str, str]], us
 
 def build_prompt(
     tokenizer: Any,
-    task: str,
+    spec: PromptSpec,
     record: PerspectiveRecord,
     condition: Condition = "zero-shot",
     *,
@@ -235,16 +233,15 @@ def build_prompt(
         raise PromptError(f"condition must be one of {CONDITIONS}, got {condition!r}")
     if readout not in READOUT_RULES:
         raise PromptError(f"readout must be one of {READOUT_RULES}, got {readout!r}")
-    spec = task_spec(task)
     turns: list[tuple[str, str]] = []
     if condition == "few-shot":
         if not shots:
             raise PromptError("condition 'few-shot' needs at least one shot")
-        turns = [(_user_message(spec, s, None), f"{ANSWER_PREFIX} {answer_label(task, s)}") for s in shots]
+        turns = [(_user_message(spec, s, None), f"{ANSWER_PREFIX} {answer_label(spec, s)}") for s in shots]
     elif shots:
         raise PromptError(f"shots are only used by condition 'few-shot', not {condition!r}")
     if condition == "with-feedback" and feedback is None:
-        found = feedback_text(task, record, feedback_source)
+        found = feedback_text(spec, record, feedback_source)
         if found is None:
             raise PromptError(f"record {record.id} has no rationale (feedback_source={feedback_source!r})")
         feedback = found[0]
@@ -256,7 +253,7 @@ def build_prompt(
     if context:
         user = f"{context.strip()}\n\n{user}"
     text, templated = _render(tokenizer, system, turns, user)
-    return Prompt(text, task, condition, labels_of(task, record), readout, templated)
+    return Prompt(text, spec.name, condition, labels_of(spec, record), readout, templated)
 
 
 def encode_prompts(tokenizer: Any, prompts: Sequence[Prompt]) -> tuple[list[list[int]], list[int]]:
@@ -271,13 +268,14 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[Prompt]) -> tuple[list[list
 __all__ = [
     "CONDITIONS",
     "READOUT_RULES",
-    "TASKS",
     "Prompt",
     "PromptError",
-    "TaskSpec",
+    "PromptSpec",
     "answer_label",
     "build_prompt",
+    "check_template",
     "encode_prompts",
     "feedback_text",
-    "task_spec",
+    "generic_spec",
+    "letter_block",
 ]

@@ -16,9 +16,10 @@ from __future__ import annotations
 import random
 import time
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import ray
@@ -27,9 +28,9 @@ import torch
 from common.config import StageConfig, check
 from common.raycluster import init_ray
 from common.registry import RegistryClient
-from pipelines.datasets import LOADERS, load_records
-from pipelines.prompts import Prompt, build_prompt, encode_prompts, feedback_text
+from pipelines.prompts import FeedbackSource, Prompt, PromptSpec, build_prompt, encode_prompts, feedback_text
 from pipelines.records import DataError, PerspectiveRecord
+from pipelines.tasks import Task, check_task_settings, get_task, task_name
 from pipelines.tracking import Tracker
 from sae.lm import load_lm, load_tokenizer, resolve_device, resolve_model
 from sae.model import SparseAutoencoder
@@ -41,11 +42,14 @@ from sae.vectorset import VectorSet, VectorSetMeta, sae_file_hash, sae_fingerpri
 class VectorConfig(StageConfig):
     """Settings of ``pluristeer vectors`` (YAML + ``--set field=value``)."""
 
+    RENAMED: ClassVar[dict[str, str]] = {"data": "task"}
+
     sae: Path | None = None  # SAE directory (sae-lens layout); not needed for mode caa
     model: str = "embedded"
     layer: int | None = None  # default: the SAE's hook_layer
-    data: str = "mislc"  # a loader name (globalopinionqa, crehate, mislc, crowd_truthfulness) or a .jsonl file
-    task: str | None = None  # prompt template; default: the data set's name (any other: a generic letter prompt)
+    task: str = "mislc"  # a bundled task (globalopinionqa, crehate, mislc, crowd_truthfulness) or a .jsonl file
+    templates: dict = field(default_factory=dict)  # JSONL task -> {question, feedback, persona} prompt templates
+    test_fraction: float = 0.3  # JSONL tasks: share of each perspective's records held out as test
     split: str = "train"
     perspectives: list[str] = field(default_factory=list)  # default: the max_perspectives with most samples
     max_perspectives: int = 5  # 0: all
@@ -73,7 +77,7 @@ class VectorConfig(StageConfig):
 
     def validate(self) -> None:
         check(self.mode == "caa" or self.sae is not None, "sae: an SAE directory is required unless mode is 'caa'")
-        check(self.data in LOADERS or self.data.endswith(".jsonl"), f"data: a loader {sorted(LOADERS)} or a .jsonl")
+        check_task_settings([self.task], self.templates, self.test_fraction)
         check(self.samples >= 1, "samples: must be >= 1")
         check(self.max_perspectives >= 0, "max_perspectives: must be >= 0 (0: all)")
         check(self.topk >= 0, "topk: must be >= 0 (0: dense)")
@@ -86,7 +90,10 @@ class VectorConfig(StageConfig):
 
     @property
     def task_name(self) -> str:
-        return self.task or (Path(self.data).stem if self.data.endswith(".jsonl") else self.data)
+        return task_name(self.task)
+
+    def resolve_task(self) -> Task:
+        return get_task(self.task, templates=self.templates, test_fraction=self.test_fraction, seed=self.seed)
 
     @property
     def granularities(self) -> list[str]:
@@ -105,46 +112,68 @@ class FeedbackPair:
     source: str  # "rationale" or "answer"
 
 
-def select_samples(cfg: VectorConfig, records: list[PerspectiveRecord]) -> dict[str, list[PerspectiveRecord]]:
-    """Up to ``cfg.samples`` usable records per chosen perspective (seeded; rationales first for ``auto``)."""
+def select_samples(
+    records: list[PerspectiveRecord],
+    spec: PromptSpec,
+    *,
+    samples: int,
+    seed: int,
+    feedback: FeedbackSource = "auto",
+    perspectives: Sequence[str] = (),
+    max_perspectives: int = 0,
+    where: str = "the records",
+) -> dict[str, list[PerspectiveRecord]]:
+    """Up to ``samples`` usable records per chosen perspective (seeded; rationales first for ``auto``):
+    ``perspectives`` if given, else the ``max_perspectives`` (0: all) with the most usable records."""
     usable: dict[str, list[PerspectiveRecord]] = defaultdict(list)
     for r in records:
-        if feedback_text(cfg.task_name, r, cfg.feedback) is not None:
+        if feedback_text(spec, r, feedback) is not None:
             usable[r.perspective].append(r)
-    if cfg.perspectives:
-        unknown = [p for p in cfg.perspectives if p not in usable]
+    if perspectives:
+        unknown = [p for p in perspectives if p not in usable]
         if unknown:
             known = ", ".join(sorted(usable)) or "none"
-            raise DataError(f"perspectives {unknown} have no usable {cfg.split} records in {cfg.data} (have: {known})")
-        chosen = list(cfg.perspectives)
+            raise DataError(f"perspectives {unknown} have no usable records in {where} (have: {known})")
+        chosen = list(perspectives)
     else:
         chosen = sorted(usable, key=lambda p: (-len(usable[p]), p))
-        chosen = chosen[: cfg.max_perspectives] if cfg.max_perspectives else chosen
+        chosen = chosen[:max_perspectives] if max_perspectives else chosen
     if not chosen:
-        raise DataError(f"no {cfg.split} records of {cfg.data} have feedback of kind {cfg.feedback!r}")
+        raise DataError(f"no records in {where} have feedback of kind {feedback!r}")
     out: dict[str, list[PerspectiveRecord]] = {}
     for p in chosen:
-        rng = random.Random(f"{cfg.seed}:{p}")
+        rng = random.Random(f"{seed}:{p}")
         pool_ = sorted(usable[p], key=lambda r: r.id)
         rng.shuffle(pool_)
-        if cfg.feedback == "auto":  # stable sort: records with a rationale first, each group still shuffled
-            pool_.sort(key=lambda r: feedback_text(cfg.task_name, r, "auto")[1] != "rationale")  # type: ignore[index]
-        out[p] = pool_[: cfg.samples]
+        if feedback == "auto":  # stable sort: records with a rationale first, each group still shuffled
+            pool_.sort(key=lambda r: feedback_text(spec, r, "auto")[1] != "rationale")  # type: ignore[index]
+        out[p] = pool_[:samples]
     return out
 
 
 def feedback_pairs(
-    cfg: VectorConfig, tokenizer: Any, samples: dict[str, list[PerspectiveRecord]]
+    cfg: VectorConfig, tokenizer: Any, samples: dict[str, list[PerspectiveRecord]], spec: PromptSpec
 ) -> list[FeedbackPair]:
     """For each sample, the prompt with the perspective's feedback and the same prompt without it."""
     pairs = []
     for p, records in samples.items():
         for r in records:
-            text, source = feedback_text(cfg.task_name, r, cfg.feedback)  # type: ignore[misc]
-            with_fb = build_prompt(tokenizer, cfg.task_name, r, "with-feedback", feedback=text, readout=cfg.readout)
-            without = build_prompt(tokenizer, cfg.task_name, r, "zero-shot", readout=cfg.readout)
+            text, source = feedback_text(spec, r, cfg.feedback)  # type: ignore[misc]
+            with_fb = build_prompt(tokenizer, spec, r, "with-feedback", feedback=text, readout=cfg.readout)
+            without = build_prompt(tokenizer, spec, r, "zero-shot", readout=cfg.readout)
             pairs.append(FeedbackPair(p, r.id, with_fb, without, source))
     return pairs
+
+
+def config_pairs(cfg: VectorConfig, tokenizer: Any, task: Task | None = None) -> list[FeedbackPair]:
+    """The feedback pairs ``cfg`` asks for: its task's ``split`` records, ≤ ``samples`` per chosen perspective."""
+    task = task or cfg.resolve_task()
+    samples = select_samples(
+        task.records(cfg.split), task.prompt, samples=cfg.samples, seed=cfg.seed, feedback=cfg.feedback,
+        perspectives=cfg.perspectives, max_perspectives=cfg.max_perspectives,
+        where=f"the {cfg.split} split of {cfg.task}",
+    )  # fmt: skip
+    return feedback_pairs(cfg, tokenizer, samples, task.prompt)
 
 
 @dataclass
@@ -300,7 +329,7 @@ def run_vectors(cfg: VectorConfig, *, console: Any = None) -> VectorRun:
     from rich.table import Table
 
     console = console or Console()
-    records = load_records(cfg.data, cfg.split)  # type: ignore[arg-type]
+    task = cfg.resolve_task()
     device = str(resolve_device(cfg.device))
     model = None
     if cfg.workers > 0:  # the Ray tasks load the model; the driver needs the tokenizer and the SAE
@@ -310,17 +339,17 @@ def run_vectors(cfg: VectorConfig, *, console: Any = None) -> VectorRun:
         model, tokenizer = load_lm(cfg.model, dtype=cfg.dtype, device=device)
         sae = _load_sae(cfg, device)
     layer = resolve_layer(cfg, sae)
-    samples = select_samples(cfg, records)
-    pairs = feedback_pairs(cfg, tokenizer, samples)
+    pairs = config_pairs(cfg, tokenizer, task)
     started = time.perf_counter()
     if model is None:
         readouts = derive_parallel(cfg, layer, pairs)
     else:
         readouts = derive_fine(cfg, model, tokenizer, sae, layer, pairs)
     seconds = time.perf_counter() - started
-    sources = {p: dict(Counter(x.source for x in pairs if x.perspective == p)) for p in samples}
+    sources = {p: dict(Counter(x.source for x in pairs if x.perspective == p)) for p in readouts.fine}
     extra = {
         "config": cfg.to_dict(),
+        "split": task.split_rule,
         "feedback_sources": sources,
         "topk": cfg.topk,
         "pairs": len(pairs) - readouts.skipped,
@@ -370,6 +399,7 @@ __all__ = [
     "Readouts",
     "VectorConfig",
     "VectorRun",
+    "config_pairs",
     "derive_fine",
     "derive_parallel",
     "feedback_pairs",

@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from common.registry import REGISTRY_NAME, RegistryClient, RegistryError, VectorRegistry, parse_key
-from pipelines.datasets import load_records
-from pipelines.vectors import VectorConfig, derive_fine, feedback_pairs, select_samples
+from pipelines.vectors import VectorConfig, config_pairs, derive_fine
 from sae.vectorset import VectorSet, VectorSetMeta
 from tests.conftest import REPO
 
@@ -81,7 +80,7 @@ def test_a_set_published_by_one_driver_is_fetched_by_another_after_it_exits(
     address, registry = ray_cluster
     out = tmp_path / "out"
     overrides = [
-        f"sae={embedded_sae.path}", "data=mislc", "samples=3", "max_perspectives=2", "workers=2", "worker_cpus=0.5",
+        f"sae={embedded_sae.path}", "task=mislc", "samples=3", "max_perspectives=2", "workers=2", "worker_cpus=0.5",
         f"out={out}", f"registry_dir={registry}", f"ray_address={address}", "track=false",
     ]  # fmt: skip
     cli = [sys.executable, "-m", "pluristeer.cli", "vectors", *(a for o in overrides for a in ("--set", o))]
@@ -93,7 +92,7 @@ def test_a_set_published_by_one_driver_is_fetched_by_another_after_it_exits(
     # The Ray-parallel vectors equal an in-process derivation of the same pairs.
     model, tok = embedded
     cfg = VectorConfig.load(None, overrides)
-    pairs = feedback_pairs(cfg, tok, select_samples(cfg, load_records("mislc", "train", data_root)))
+    pairs = config_pairs(cfg, tok)
     local = derive_fine(cfg, model, tok, embedded_sae.sae, 15, pairs)
     for p, v in local.fine.items():  # equal up to float noise (batches differ; a TopK tie may flip a feature)
         assert torch.cosine_similarity(written[p], v, dim=0) > 0.99

@@ -8,6 +8,7 @@ import pytest
 
 from pipelines import datasets as ds
 from pipelines.records import DataError
+from pipelines.tasks import BUNDLED, get_task
 
 
 def test_globalopinionqa_counts_and_split(data_root: Path) -> None:
@@ -76,12 +77,12 @@ def test_definitions_and_protected_groups(data_root: Path) -> None:
 
 def test_data_dir_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch, data_root: Path) -> None:
     monkeypatch.setenv(ds.DATA_ENV, str(data_root))
-    assert len(ds.load_records("crehate", "test")) == 1185
+    assert len(BUNDLED["crehate"].records("test")) == 1185
     monkeypatch.delenv(ds.DATA_ENV)
     with pytest.raises(DataError, match="PLURISTEER_DATA"):
-        ds.load_records("crehate", "test")
-    with pytest.raises(DataError, match="unknown data set"):
-        ds.load_records("nope", data=data_root)
+        BUNDLED["crehate"].records("test")
+    with pytest.raises(DataError, match="neither a bundled task"):
+        get_task("nope")
 
 
 def _copy(data_root: Path, tmp_path: Path, sub: str) -> Path:

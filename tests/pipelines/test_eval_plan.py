@@ -12,13 +12,13 @@ from pipelines.eval_plan import (
     REFERENCE_FROM_POSITION,
     Switches,
     Unit,
-    item_key,
     make_conditions,
     plan_units,
     subsample,
 )
 from pipelines.evaluate import EvalConfig, load_task
-from pipelines.records import DataError
+from pipelines.records import DataError, item_key
+from pipelines.tasks import BUNDLED
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +33,7 @@ def _cfg(**kw) -> EvalConfig:
 
 
 def test_subsample_is_seeded_stratified_and_keeps_whole_items(data_root) -> None:
-    from pipelines.datasets import load_records
-
-    test = load_records("crehate", "test", data_root)
+    test = BUNDLED["crehate"].records("test", data_root)
     chosen = ["Australia", "Singapore", "United States"]
     a = subsample(test, chosen, 7, seed=1)
     assert a == subsample(test, chosen, 7, seed=1) and a != subsample(test, chosen, 7, seed=2)
@@ -98,7 +96,7 @@ def test_crowd_truthfulness_is_scored_as_per_view_distributions(tokenizer) -> No
 
 
 def test_config_errors_name_the_field() -> None:
-    with pytest.raises(ConfigError, match="tasks: unknown"):
+    with pytest.raises(ConfigError, match="tasks: .nope. is neither a bundled task"):
         EvalConfig.load(None, ["tasks=crehate,nope"])
     with pytest.raises(ConfigError, match="conditions: must include 'zero-shot'"):
         EvalConfig.load(None, ["conditions=few-shot"])

@@ -15,16 +15,16 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.datasets import load_records
 from pipelines.eval_plan import ALL_CONDITIONS, SteerSpec, UnitBuilder
 from pipelines.evaluate import EvalConfig, run_evaluate
 from pipelines.prompts import build_prompt
+from pipelines.tasks import BUNDLED, PROMPTS
 from sae.decoding import Decoding, plural_next_token
 from sae.lm import model_name
 from sae.readout import label_token_ids, option_probs
 from sae.vectorset import VectorSet, VectorSetMeta, sae_fingerprint
 
-TASKS = ("globalopinionqa", "crehate", "mislc", "crowd_truthfulness")
+TASKS = tuple(BUNDLED)
 
 
 def _vector_set(model, sae, seed: int = 0) -> VectorSet:
@@ -42,8 +42,8 @@ def test_worker_rows_resume_exactly_and_pd_matches_the_fused_decoder(embedded, e
 
     model, tok = embedded
     vs = _vector_set(model, embedded_sae.sae)
-    record = load_records("mislc", "test", data_root)[0]
-    prompt = build_prompt(tok, "mislc", record)
+    record = BUNDLED["mislc"].records("test", data_root)[0]
+    prompt = build_prompt(tok, PROMPTS["mislc"], record)
     b = UnitBuilder(0, "mislc")
     spec = SteerSpec("8x-fine", "sae", 4.0)
     rows = [b.row(prompt, spec, p) for p in "ab"]
@@ -114,6 +114,14 @@ def test_smoke_run_scores_every_task_condition_and_perspective(smoke) -> None:
     assert list((cfg.work / "wandb").glob("offline-run-*"))
 
 
+def test_the_task_registry_gives_the_rows_of_before_it(smoke) -> None:
+    """The four bundled tasks through the task registry and the shared engine give exactly the rows the code
+    before them gave on this slice (golden file written by that code, commit 4e7409c, same fixture and seed)."""
+    _, first, _, _ = smoke
+    golden = json.loads((Path(__file__).parent / "golden" / "evaluate-smoke-rows.json").read_text())
+    assert json.loads(json.dumps(first.rows, sort_keys=True)) == golden
+
+
 def test_smoke_run_conditions_behave_as_their_math_says(smoke) -> None:
     cfg, _, _, _ = smoke
     preds: dict[tuple[str, str], list[float]] = {}
@@ -142,7 +150,7 @@ def test_cli_reports_config_errors_and_plans_a_dry_run(embedded_sae, tmp_path) -
     exe = shutil.which("pluristeer") or str(Path(sys.executable).parent / "pluristeer")
     env = {**os.environ, "COLUMNS": "200"}
     bad = subprocess.run([exe, "evaluate", "--set", "tasks=nope"], capture_output=True, text=True, env=env)
-    assert bad.returncode == 2 and "tasks: unknown ['nope']" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode == 2 and "tasks: 'nope' is neither a bundled task" in bad.stderr and "Traceback" not in bad.stderr
     missing = subprocess.run([exe, "evaluate", "--limit", "1"], capture_output=True, text=True, env=env)
     assert missing.returncode == 2 and "sae_8x: not set" in missing.stderr
     plan = subprocess.run(

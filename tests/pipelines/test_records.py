@@ -5,13 +5,12 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.datasets import load_records
 from pipelines.records import DataError, PerspectiveRecord, read_jsonl, write_jsonl
 
 GOOD = [
     {
         "id": "a",
-        "task": "classify",
+        "kind": "classify",
         "text": "Is this hateful?",
         "options": ["No", "Yes"],
         "perspective": "US",
@@ -20,7 +19,7 @@ GOOD = [
     },
     {
         "id": 2,
-        "task": "distribution",
+        "kind": "distribution",
         "text": "Q?",
         "options": ["A", "B", "C"],
         "perspective": "Peru",
@@ -42,13 +41,15 @@ def test_jsonl_round_trip(tmp_path: Path) -> None:
     write_jsonl(tmp_path / "out.jsonl", records)
     again = list(read_jsonl(tmp_path / "out.jsonl"))
     assert [r.to_dict() for r in again] == [r.to_dict() for r in records]
-    assert load_records(str(tmp_path / "out.jsonl"))[1].meta == {"source": "survey"}
+    assert list(read_jsonl(tmp_path / "out.jsonl"))[1].meta == {"source": "survey"}
 
 
 @pytest.mark.parametrize(
     ("row", "field", "problem"),
     [
-        ({**GOOD[0], "task": "rank"}, "task", "must be one of"),
+        ({**GOOD[0], "kind": "rank"}, "kind", "must be one of"),
+        ({**{k: v for k, v in GOOD[0].items() if k != "kind"}, "task": "rank"}, "task", "must be one of"),
+        ({**GOOD[1], "meta": {"split": "dev"}}, "meta", "split must be one of"),
         ({**GOOD[0], "label": "Maybe"}, "label", "must be an option or an index"),
         ({**GOOD[0], "label": 2}, "label", "must be an option or an index"),
         ({**GOOD[0], "options": ["Yes"]}, "options", "at least 2"),
@@ -65,6 +66,12 @@ def test_malformed_rows_name_file_line_and_field(tmp_path: Path, row: dict, fiel
         list(read_jsonl(path))
 
 
+def test_the_older_field_name_task_is_read_as_kind(tmp_path: Path) -> None:
+    old = {("task" if k == "kind" else k): v for k, v in GOOD[0].items()}
+    (record,) = read_jsonl(_write(tmp_path / "old.jsonl", [old]))
+    assert record.kind == "classify" and record.to_dict()["kind"] == "classify"
+
+
 def test_invalid_json_duplicates_and_unknown_fields(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"bad\.jsonl:1: not valid JSON"):
         list(read_jsonl(_write(tmp_path / "bad.jsonl", ["{oops"])))
@@ -78,6 +85,6 @@ def test_invalid_json_duplicates_and_unknown_fields(tmp_path: Path) -> None:
 
 def test_record_answer_for_distribution() -> None:
     r = PerspectiveRecord(
-        id="x", task="distribution", text="t", options=("a", "b"), perspective="p", distribution=(0.4, 0.6)
+        id="x", kind="distribution", text="t", options=("a", "b"), perspective="p", distribution=(0.4, 0.6)
     )
     assert r.answer == "b"

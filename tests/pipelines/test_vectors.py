@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from common.config import ConfigError
-from pipelines.datasets import load_records
 from pipelines.prompts import build_prompt
-from pipelines.vectors import VectorConfig, derive_fine, feedback_pairs, select_samples, vector_sets
+from pipelines.tasks import BUNDLED, PROMPTS
+from pipelines.vectors import VectorConfig, config_pairs, derive_fine, feedback_pairs, select_samples, vector_sets
 from sae.decoding import Decoding, last_logits, plural_next_token
 from sae.lm import model_name
 from sae.readout import label_token_ids, option_probs
@@ -27,10 +27,14 @@ def mislc(embedded, embedded_sae, data_root):
     """MisLC vectors of the 3 annotators with most training samples (20 pairs each), fine and coarse."""
     model, tok = embedded
     cfg = VectorConfig(
-        sae=embedded_sae.path, data="mislc", samples=SAMPLES, max_perspectives=ANNOTATORS, publish=False, track=False
+        sae=embedded_sae.path, task="mislc", samples=SAMPLES, max_perspectives=ANNOTATORS, publish=False, track=False
     )
-    samples = select_samples(cfg, load_records("mislc", "train", data_root))
-    pairs = feedback_pairs(cfg, tok, samples)
+    samples = select_samples(
+        BUNDLED["mislc"].records("train", data_root), PROMPTS["mislc"], samples=SAMPLES, seed=cfg.seed,
+        max_perspectives=ANNOTATORS,
+    )  # fmt: skip
+    pairs = feedback_pairs(cfg, tok, samples, PROMPTS["mislc"])
+    assert pairs == config_pairs(cfg, tok)  # the config's own path gives the same pairs
     readouts = derive_fine(cfg, model, tok, embedded_sae.sae, embedded_sae.layer, pairs)
     sets = vector_sets(cfg, readouts, model=model_name(model), layer=15, sae=embedded_sae.sae, extra={})
     return cfg, samples, pairs, readouts, sets
@@ -77,12 +81,12 @@ def test_mislc_vectors_raise_the_annotators_majority_label_on_held_out_claims(
     steering held-out claims with their fine vector (c = 2) raises P("No") on average, by > 0.02."""
     _, samples, _, _, sets = mislc
     model, tok = embedded
-    test = load_records("mislc", "test", data_root)
+    test = BUNDLED["mislc"].records("test", data_root)
     shifts = []
     for p, records in samples.items():
         assert sum(r.label == 0 for r in records) > len(records) / 2  # "No" is this annotator's majority label
         held_out = [r for r in test if r.perspective == p][:HELD_OUT]
-        texts = [build_prompt(tok, "mislc", r).text for r in held_out]
+        texts = [build_prompt(tok, PROMPTS["mislc"], r).text for r in held_out]
         base = _label_probs(model, tok, texts)
         steered = _label_probs(model, tok, texts, sets["fine"], p, embedded_sae.sae)
         shifts.append(steered[:, 0] - base[:, 0])
@@ -93,8 +97,8 @@ def test_mislc_vectors_raise_the_annotators_majority_label_on_held_out_claims(
 
 def test_zero_vectors_in_every_mode_leave_the_embedded_model_unchanged(embedded, embedded_sae, data_root) -> None:
     model, tok = embedded
-    records = load_records("mislc", "test", data_root)[:2]
-    batch = tok([build_prompt(tok, "mislc", r).text for r in records], return_tensors="pt", padding=True)
+    records = BUNDLED["mislc"].records("test", data_root)[:2]
+    batch = tok([build_prompt(tok, PROMPTS["mislc"], r).text for r in records], return_tensors="pt", padding=True)
     with torch.inference_mode():
         base = last_logits(model, **batch).logits[:, -1].float()
     for mode, dim in (("sae", embedded_sae.sae.d_sae), ("residual", embedded_sae.sae.d_sae), ("caa", 576)):
@@ -122,5 +126,5 @@ def test_config_validation_names_the_field(tmp_path: Path) -> None:
         VectorConfig.load(None, ["mode=sae"])
     with pytest.raises(ConfigError, match="granularity: must be one of"):
         VectorConfig.load(None, ["mode=caa", "granularity=medium"])
-    cfg = VectorConfig.load(None, ["mode=caa", "data=crehate", "perspectives=Singapore,Australia", "topk=16"])
+    cfg = VectorConfig.load(None, ["mode=caa", "task=crehate", "perspectives=Singapore,Australia", "topk=16"])
     assert cfg.perspectives == ["Singapore", "Australia"] and cfg.set_name("fine") == "crehate-caa-fine"

@@ -15,8 +15,8 @@ import httpx
 import pytest
 import torch
 
-from pipelines.datasets import load_records
-from pipelines.vectors import VectorConfig, derive_fine, feedback_pairs, select_samples, vector_sets
+from pipelines.tasks import BUNDLED
+from pipelines.vectors import VectorConfig, config_pairs, derive_fine, vector_sets
 from sae.decoding import Decoding, plural_generate, plural_next_token
 from sae.lm import model_name
 from sae.vectorset import VectorSet
@@ -47,9 +47,9 @@ def _free_port() -> int:
 
 
 def _derive(model, tok, fixture) -> VectorSet:
-    cfg = VectorConfig(sae=fixture.path, data="globalopinionqa", samples=4, max_perspectives=3, granularity="fine",
+    cfg = VectorConfig(sae=fixture.path, task="globalopinionqa", samples=4, max_perspectives=3, granularity="fine",
                        publish=False, track=False)  # fmt: skip
-    pairs = feedback_pairs(cfg, tok, select_samples(cfg, load_records("globalopinionqa", "train")))
+    pairs = config_pairs(cfg, tok)
     readouts = derive_fine(cfg, model, tok, fixture.sae, fixture.layer, pairs)
     return vector_sets(cfg, readouts, model=model_name(model), layer=fixture.layer, sae=fixture.sae, extra={})["fine"]
 
@@ -137,7 +137,7 @@ def test_plural_decoding_over_three_perspectives_equals_offline_plural_generate(
 
 def test_distribution_per_perspective_and_combined(app, embedded, embedded_sae) -> None:
     model, tok = embedded
-    record = next(r for r in load_records("globalopinionqa", "test") if len(r.options) >= 3)
+    record = next(r for r in BUNDLED["globalopinionqa"].records("test") if len(r.options) >= 3)
     letters = [chr(65 + i) for i in range(len(record.options))]
     prompt = _chat(tok, record.text)
     r = app.post("/v1/distribution", {"prompt": prompt, "options": letters, "decoding": {"mode": "cad", "alpha": 0.5}})
