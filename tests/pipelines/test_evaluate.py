@@ -150,7 +150,7 @@ def test_cli_reports_config_errors_and_plans_a_dry_run(embedded_sae, tmp_path) -
     exe = shutil.which("pluristeer") or str(Path(sys.executable).parent / "pluristeer")
     env = {**os.environ, "COLUMNS": "200"}
     bad = subprocess.run([exe, "evaluate", "--set", "tasks=nope"], capture_output=True, text=True, env=env)
-    assert bad.returncode == 2 and "tasks: 'nope' is neither a bundled task" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode == 2 and "tasks: 'nope' is neither a bundled" in bad.stderr and "Traceback" not in bad.stderr
     missing = subprocess.run([exe, "evaluate", "--limit", "1"], capture_output=True, text=True, env=env)
     assert missing.returncode == 2 and "sae_8x: not set" in missing.stderr
     plan = subprocess.run(
