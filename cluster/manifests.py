@@ -41,7 +41,6 @@ from cluster.pins import (
 
 CRDS = HERE / "crds"
 K8S_DEFS = CRDS / "k8s-v1.33.0-defs.json"
-RAY_SCHEMA = CRDS / "ray.io_v1.schema.yaml"
 MANIFEST_SCHEMA = CRDS / "manifests.schema.yaml"
 
 
