@@ -109,7 +109,7 @@ def start_app(
     import ray
     from ray import serve
 
-    from pipelines.registry import RegistryClient
+    from common.registry import RegistryClient
     from serve.app import build, resolve_perspectives
     from serve.config import ServeConfig
 

@@ -24,11 +24,15 @@ from typing import Any, Literal
 
 import numpy as np
 import pyarrow.parquet as pq
+import ray
+import ray.data
 
+from common.config import ConfigError, StageConfig, check
+from common.raycluster import init_ray
 from pipelines.collect_worker import ResidualWorker, WorkerSpec
-from pipelines.config import ConfigError, StageConfig, check
 from pipelines.contexts import plan_contexts
 from pipelines.corpus import SOURCES, iter_documents
+from pipelines.datasets import data_dir
 from pipelines.records import DataError
 from pipelines.store import (
     Manifest,
@@ -42,6 +46,8 @@ from pipelines.store import (
     read_shard_metadata,
     write_shard,
 )
+from pipelines.tracking import Tracker
+from sae.lm import _not_found, load_tokenizer, resolve_model
 
 _DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 # Config fields that decide what a shard holds: a resumed run must agree on them.
@@ -134,7 +140,6 @@ class CollectResult:
 def corpus_dir(cfg: CollectConfig) -> Path:
     if cfg.corpus is not None:
         return cfg.corpus
-    from pipelines.datasets import data_dir
 
     return data_dir() / "corpus"
 
@@ -161,14 +166,10 @@ def _model_facts(model: str) -> tuple[str, str | None, int, int]:
     """``(name, revision, d_model, n_layers)`` of ``model`` without loading its weights."""
     from transformers import AutoConfig
 
-    from sae.lm import resolve_model
-
     source = resolve_model(model)
     try:
         config = AutoConfig.from_pretrained(source.path)
     except OSError as err:
-        from sae.lm import _not_found
-
         raise _not_found(model, err) from err
     revision = getattr(config, "_commit_hash", None)
     return source.name, revision, int(config.hidden_size), int(config.num_hidden_layers)
@@ -295,7 +296,6 @@ def _stream(
     cfg: CollectConfig, spec: WorkerSpec, todo: list[int], contexts: np.ndarray, use_gpu: bool
 ) -> Iterator[dict[str, Any]]:
     """Run shards ``todo`` through the actor pool; yield one result row per shard as it finishes."""
-    import ray.data
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
@@ -322,9 +322,6 @@ def _stream(
 
 def collect(cfg: CollectConfig, *, echo: Callable[[str], None] = print) -> CollectResult:
     """Collect ``cfg.n_tokens`` rows of residuals into ``cfg.out`` (resuming what is there)."""
-    from pipelines.raycluster import init_ray
-    from pipelines.tracking import Tracker
-    from sae.lm import load_tokenizer
 
     started = time.perf_counter()
     corpus = corpus_dir(cfg)
@@ -358,7 +355,6 @@ def collect(cfg: CollectConfig, *, echo: Callable[[str], None] = print) -> Colle
     todo = _schedule(done, cfg) if _prefix(done, cfg.n_tokens) is None else []
     contexts = _plan(tokenizer, corpus, cfg, todo)
     init_ray(cfg.ray_address)
-    import ray
 
     resources = ray.cluster_resources()
     use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and resources.get("GPU", 0) > 0)

@@ -20,7 +20,11 @@ from rich.markdown import Markdown
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from pipelines.collect import CollectConfig, collect
 from pipelines.datasets import LOADERS, data_dir, perspectives
+from pipelines.evaluate import EvalConfig, run_evaluate
+from pipelines.train import TrainConfig, run_train
+from pipelines.vectors import VectorConfig, run_vectors
 
 console = Console()
 
@@ -96,10 +100,6 @@ def run_demo(
     *, data_dir: str | Path | None, model_id: str, out: Path, settings: DemoSettings | None = None
 ) -> dict[str, Path]:
     """Run the pipeline; returns the paths it wrote (store, SAE, vectors, results)."""
-    from pipelines.collect import CollectConfig, collect
-    from pipelines.evaluate import EvalConfig, run_evaluate
-    from pipelines.train import TrainConfig, run_train
-    from pipelines.vectors import VectorConfig, run_vectors
 
     s = settings or DemoSettings()
     started = time.perf_counter()

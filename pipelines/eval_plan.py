@@ -3,7 +3,7 @@
 A *task* is a data set with its test records (optionally subsampled: seeded, stratified by perspective),
 the training records few-shot prompts draw from, the evaluated perspectives and the K perspectives that
 pluralistic decoding (PD) combines. A *condition* says how a record is answered. Every answer is a
-next-token read-out (:func:`pipelines.prompts.option_probs`) of one model row, or a PD combination of K
+next-token read-out (:func:`sae.readout.option_probs`) of one model row, or a PD combination of K
 rows; a *row* is a prompt, unsteered or with one steering vector.
 
 Conditions (DESIGN §5):

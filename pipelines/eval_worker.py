@@ -5,7 +5,7 @@
 once, in length-sorted batches, keeping the next-token logits and the residual after the steering layer;
 every steered row then resumes from that residual (:mod:`sae.resume`: only the blocks after L run),
 batched per steering setting with one vector per row. Answers are read out of single rows or combined
-over K rows by pluralistic decoding (:func:`serve.decoding.combine`). It also works without Ray (call
+over K rows by pluralistic decoding (:func:`sae.decoding.combine`). It also works without Ray (call
 :meth:`EvalWorker.run_unit` directly).
 """
 
@@ -22,10 +22,13 @@ import torch
 
 from pipelines.collect_worker import actor_threads
 from pipelines.eval_plan import Unit
-from pipelines.prompts import label_token_ids, option_probs
+from sae.decoding import Decoding, combine
 from sae.hooks import steer
 from sae.lm import load_lm
+from sae.model import SparseAutoencoder
+from sae.readout import label_token_ids, option_probs
 from sae.resume import forward_capture, pad_left, position_ids, resume_logits, resume_supported, skipping
+from sae.vectorset import VectorSet
 
 
 @dataclass
@@ -76,8 +79,6 @@ class EvalWorker:
     """Ray Data UDF: ``{"unit": [i], "payload": [unit JSON]}`` -> ``{"unit": [i], "result": [JSON]}``."""
 
     def __init__(self, spec: dict[str, Any]) -> None:
-        from sae.model import SparseAutoencoder
-        from sae.vectorset import VectorSet
 
         self.spec = WorkerSpec(**spec)
         if self.spec.device == "cpu":
@@ -183,7 +184,6 @@ class EvalWorker:
         return {"unit": unit.index, "task": unit.task, "outputs": outputs, "stats": asdict(stats)}
 
     def _answer(self, output: dict[str, Any], logits: dict[int, torch.Tensor]) -> dict[str, Any]:
-        from serve.decoding import Decoding, combine
 
         token_ids = label_token_ids(self.tokenizer, tuple(output["labels"]))
         if output["decoding"] is None:

@@ -36,8 +36,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import ray
+import ray.data
 
-from pipelines.config import StageConfig, check
+from common.config import ConfigError, StageConfig, check
+from common.raycluster import init_ray
+from pipelines.datasets import aggregate, data_dir, load_definitions, load_records
 from pipelines.eval_plan import (
     ALL_CONDITIONS,
     BASELINE,
@@ -55,8 +59,26 @@ from pipelines.eval_plan import (
     unit_tokens,
     vector_keys,
 )
+from pipelines.eval_report import (
+    CLAIMS,
+    PRIMARY,
+    findings,
+    perspective_table,
+    plot_conditions,
+    plot_perspectives,
+    task_table,
+    verdict,
+)
+from pipelines.eval_worker import EvalWorker
+from pipelines.metrics import Outcomes, js_distance, summarize
+from pipelines.prompts import build_prompt, encode_prompts, feedback_text
 from pipelines.records import DataError, PerspectiveRecord
-from sae.atomic import atomic_write_json, atomic_write_text
+from pipelines.tracking import Tracker
+from pipelines.vectors import Readouts, VectorConfig, select_samples, vector_sets
+from sae.atomic import atomic_write_json, atomic_write_text, sha256_file
+from sae.lm import load_lm, load_tokenizer, resolve_model
+from sae.model import WEIGHTS_FILE, SparseAutoencoder
+from sae.vectors import differences, mean_by_group, paired_readouts
 
 TASKS: tuple[str, ...] = ("globalopinionqa", "crehate", "mislc", "crowd_truthfulness")
 KINDS = {"globalopinionqa": "distribution", "crehate": "classify", "mislc": "classify",
@@ -142,7 +164,6 @@ class EvalConfig(StageConfig):
 
     def check_saes(self, conditions: Sequence[Condition]) -> None:
         """Every SAE the conditions steer with is configured."""
-        from pipelines.config import ConfigError
 
         missing = []
         for size in ("8x", "32x"):
@@ -172,7 +193,6 @@ class EvalConfig(StageConfig):
 # -- tasks ----------------------------------------------------------------------------------------------
 def load_task(cfg: EvalConfig, name: str) -> TaskData:
     """The test records of ``name`` (subsampled with ``cfg.limit``) and what prompts need from train."""
-    from pipelines.datasets import load_records
 
     limit = int(cfg.task_limits.get(name, cfg.limit)) if cfg.limit else 0
     return make_task(cfg, name, load_records(name, "train"), load_records(name, "test"), limit)
@@ -182,7 +202,6 @@ def make_task(
     cfg: EvalConfig, name: str, train: list[PerspectiveRecord], test: list[PerspectiveRecord], limit: int
 ) -> TaskData:
     """A :class:`TaskData` scoring ``test``, with vectors and few-shot examples from ``train``."""
-    from pipelines.datasets import aggregate, data_dir, load_definitions
 
     vector_pool = train
     shots_source = train
@@ -223,7 +242,6 @@ def make_task(
 # -- vectors --------------------------------------------------------------------------------------------
 def feedback_prompts(cfg: EvalConfig, task: TaskData, tokenizer: Any, records: dict[str, list[PerspectiveRecord]]):
     """``(perspective, with-feedback prompt, without prompt)`` per sample (the task's prompt context kept)."""
-    from pipelines.prompts import build_prompt, feedback_text
 
     out = []
     for p, rs in records.items():
@@ -237,7 +255,6 @@ def feedback_prompts(cfg: EvalConfig, task: TaskData, tokenizer: Any, records: d
 
 def select_vector_samples(cfg: EvalConfig, task: TaskData) -> dict[str, list[PerspectiveRecord]]:
     """≤ ``cfg.samples`` training records per evaluated perspective (seeded; rationales first)."""
-    from pipelines.vectors import VectorConfig, select_samples
 
     vc = VectorConfig(mode="caa", data=task.name, perspectives=list(task.perspectives), samples=cfg.samples,
                       seed=cfg.seed, publish=False, track=False)  # fmt: skip
@@ -247,9 +264,6 @@ def select_vector_samples(cfg: EvalConfig, task: TaskData) -> dict[str, list[Per
 def _readouts_task(model: str, layer: int, dtype: str, device: str, threads: int, pairs, positions, pad_id: int):
     """A Ray task: the paired readouts of one task's feedback pairs (numpy out)."""
     import torch
-
-    from sae.lm import load_lm
-    from sae.vectors import paired_readouts
 
     if device == "cpu" and threads > 0:
         torch.set_num_threads(threads)
@@ -272,14 +286,7 @@ def derive_vectors(
 
     Readouts are cached in the work directory (keyed by the prompts, model and layer), so reruns and the
     8x/32x/CAA sets of a task share one model pass."""
-    import ray
     import torch
-
-    from pipelines.prompts import encode_prompts
-    from pipelines.vectors import Readouts, VectorConfig, vector_sets
-    from sae.lm import resolve_model
-    from sae.model import SparseAutoencoder
-    from sae.vectors import differences, mean_by_group
 
     saes = {size: SparseAutoencoder.load(getattr(cfg, f"sae_{size}")) for size in {k.split("-")[0] for k in keys}
             if size != "caa"}  # fmt: skip
@@ -348,10 +355,6 @@ def _stream(cfg: EvalConfig, spec: dict[str, Any], units: list[Unit], use_gpu: b
     """Run ``units`` through the actor pool; yield each result as it finishes."""
     import warnings
 
-    import ray.data
-
-    from pipelines.eval_worker import EvalWorker
-
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     items = [{"unit": u.index, "payload": u.to_json()} for u in units]
@@ -414,7 +417,6 @@ def run_units(
 # -- scoring --------------------------------------------------------------------------------------------
 def outcomes_of(task: TaskData, condition: Condition, outputs: dict[str, dict[str, Any]]):
     """Per-record ``Outcomes`` (+ coverage and the read-out distributions) of one condition on one task."""
-    from pipelines.metrics import Outcomes, js_distance
 
     gold, pred, jsd, coverage, probs = [], [], [], [], []
     for r in task.records:
@@ -434,7 +436,6 @@ def outcomes_of(task: TaskData, condition: Condition, outputs: dict[str, dict[st
 
 
 def _subset(o: Any, idx: np.ndarray) -> Any:
-    from pipelines.metrics import Outcomes
 
     return Outcomes(o.gold[idx], o.pred[idx], o.n_classes, None if o.jsd is None else o.jsd[idx])
 
@@ -459,8 +460,6 @@ def score(
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
     """``(rows, comparisons, predictions)``: metrics per condition × task × perspective (+ ``all``) with
     intervals and paired differences to zero-shot; the paper's claims; every record's read-out."""
-    from pipelines.eval_report import CLAIMS, PRIMARY, verdict
-    from pipelines.metrics import summarize
 
     rows, comparisons, predictions = [], [], []
     for task in tasks:
@@ -519,7 +518,6 @@ def git_commit() -> dict[str, Any]:
 
 
 def resolve_layer(cfg: EvalConfig) -> int:
-    from sae.model import SparseAutoencoder
 
     layers = {}
     for size in ("8x", "32x"):
@@ -548,8 +546,6 @@ class EvalResult:
 
 def sae_facts(cfg: EvalConfig, keys: Sequence[str]) -> dict[str, Any]:
     """Path, weights hash and training metrics of each SAE the run steered with."""
-    from sae.atomic import sha256_file
-    from sae.model import WEIGHTS_FILE
 
     out: dict[str, Any] = {}
     for size in sorted({k.split("-")[0] for k in keys} - {"caa"}):
@@ -594,10 +590,6 @@ def run_evaluate(cfg: EvalConfig, *, echo: Callable[[str], None] = print) -> Eva
     """The whole protocol (see the module docstring); returns the rows, the comparisons and run facts."""
     from transformers import AutoConfig
 
-    from pipelines.raycluster import init_ray
-    from pipelines.tracking import Tracker
-    from sae.lm import load_tokenizer, resolve_model
-
     started = time.perf_counter()
     git = git_commit()  # at the start: the code that runs, whatever happens to the tree meanwhile
     tokenizer = load_tokenizer(cfg.model)
@@ -618,7 +610,6 @@ def run_evaluate(cfg: EvalConfig, *, echo: Callable[[str], None] = print) -> Eva
         return EvalResult(cfg.out, [], [], {"planned_tokens": planned, "sizes": sizes, "units": len(units)})
 
     init_ray(cfg.ray_address)
-    import ray
 
     use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
     device = "cuda" if use_gpu else "cpu"
@@ -675,7 +666,6 @@ def run_evaluate(cfg: EvalConfig, *, echo: Callable[[str], None] = print) -> Eva
 
 def write_outputs(cfg, tasks, conditions, rows, comparisons, predictions, run) -> list[Path]:
     """rows.jsonl, predictions.jsonl, table.md, plots, config.yaml, run.json in ``cfg.out``."""
-    from pipelines.eval_report import findings, perspective_table, plot_conditions, plot_perspectives, task_table
 
     out = cfg.out
     files = [

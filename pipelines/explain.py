@@ -18,7 +18,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from sae.vectors import encode
+from common.registry import RegistryClient
+from pipelines.corpus import iter_documents
+from pipelines.datasets import data_dir
+from pipelines.store import ActivationStore, read_manifest
+from sae.atomic import atomic_write_text
+from sae.hooks import residuals
+from sae.lm import load_lm
+from sae.model import SparseAutoencoder
+from sae.vectors import encode, pool
+from sae.vectorset import VectorSet
 
 
 @dataclass
@@ -97,7 +106,6 @@ class TopActivations:
 
 def scan_store(store_dir: str | Path, layer: int, sae: Any, features: Sequence[int], *, max_tokens: int, n: int):
     """Top activations of ``features`` over the first ``max_tokens`` rows of an activation store."""
-    from pipelines.store import ActivationStore
 
     store = ActivationStore(store_dir)
     x = store.read(layer, limit=max_tokens)
@@ -125,7 +133,6 @@ def scan_texts(
 ):
     """Top activations of ``features`` over about ``max_tokens`` tokens of ``texts`` (read at ``layer``; position
     0 and norm outliers dropped, as collection does), at most ``per_document`` tokens from each text."""
-    from sae.hooks import residuals
 
     contexts: list[list[int]] = []
     for text in texts:
@@ -163,7 +170,6 @@ _SOURCE_DIRS = {"wikitext2": "wikitext2_raw", "enwiki": "enwiki_wikiextractor_sa
 
 def mixed_documents(corpus: str | Path) -> Iterator[str]:
     """The corpus's documents, alternating between its sources (so a short scan sees all of them)."""
-    from pipelines.corpus import iter_documents
 
     present = [s for s, folder in _SOURCE_DIRS.items() if (Path(corpus) / folder).is_dir()]
     if not present:  # a plain folder of .txt files
@@ -285,7 +291,6 @@ def run_explain(
     """Explain ``perspectives`` (default: all) of a vector set: one scan (store or corpus) for the union of
     their top features. ``relative``: explain what sets each perspective apart, ``v_p`` minus the
     sample-weighted mean of the set's vectors. Needs ``model`` for a corpus scan and for the logit lens."""
-    from sae.vectors import pool
 
     if vector_set.meta.mode == "caa":
         raise ValueError("a caa vector set lives in the residual stream, not in SAE features: nothing to explain")
@@ -347,18 +352,8 @@ def explain_command(
     """``pluristeer explain``: load the set (file or registry key), its SAE and model, scan, print, write."""
     from rich.console import Console
 
-    from pipelines.datasets import data_dir
-    from sae.lm import load_lm
-    from sae.model import SparseAutoencoder
-    from sae.vectorset import VectorSet
-
     console = console or Console()
-    if Path(source).is_file():
-        vector_set = VectorSet.load(source)
-    else:
-        from pipelines.registry import RegistryClient
-
-        vector_set = RegistryClient(address=ray_address).get(source)
+    vector_set = VectorSet.load(source) if Path(source).is_file() else RegistryClient(address=ray_address).get(source)
     meta = vector_set.meta
     sae_path = sae_dir or (Path(meta.sae_path) if meta.sae_path else None)
     if sae_path is None:
@@ -369,8 +364,6 @@ def explain_command(
     if store is None and corpus is None:
         corpus = data_dir() / "corpus"
     if store is not None:
-        from pipelines.store import read_manifest
-
         made_with = read_manifest(store).model
         if made_with != meta.model:
             raise ValueError(f"the store {store} holds activations of {made_with!r}, the set is for {meta.model!r}")
@@ -381,8 +374,6 @@ def explain_command(
     for e in explanations:
         render(e, console)
     if out is not None:
-        from sae.atomic import atomic_write_text
-
         title = f"{meta.task} {meta.mode} vectors ({meta.granularity}, layer {meta.layer}): {source}"
         atomic_write_text(out, to_markdown(explanations, title))
         console.print(f"wrote {out}")

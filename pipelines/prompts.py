@@ -20,10 +20,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any, Literal
-
-import torch
 
 from pipelines.records import PerspectiveRecord
 
@@ -271,50 +268,6 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[Prompt]) -> tuple[list[list
     return ids, positions
 
 
-def label_token_ids(tokenizer: Any, labels: Sequence[str]) -> list[list[int]]:
-    """For each label, the first token of its spellings (``"Yes"``, ``" Yes"``, ``"yes"``, ``" yes"``; option
-    letters only as ``"A"`` and ``" A"``).
-
-    Raises :class:`PromptError` if two labels share a first token (the readout could not tell them
-    apart): use option letters for such tasks.
-    """
-    return [list(ids) for ids in _label_token_ids(tokenizer, tuple(labels))]
-
-
-@lru_cache(maxsize=256)
-def _label_token_ids(tokenizer: Any, labels: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
-    out: list[tuple[int, ...]] = []
-    owner: dict[int, str] = {}
-    for label in labels:
-        ids: list[int] = []
-        letter = len(label) == 1 and label.isupper()  # " a" is the article, not option A
-        spellings = (label, " " + label) if letter else (label, " " + label, label.lower(), " " + label.lower())
-        for spelling in dict.fromkeys(spellings):
-            first = tokenizer.encode(spelling, add_special_tokens=False)[:1]
-            if first and first[0] not in ids:
-                ids.append(first[0])
-        for i in ids:
-            if owner.setdefault(i, label) != label:
-                raise PromptError(
-                    f"labels {owner[i]!r} and {label!r} start with the same token "
-                    f"{tokenizer.decode([i])!r}: read out option letters instead"
-                )
-        out.append(tuple(ids))
-    return tuple(out)
-
-
-def option_probs(logits: torch.Tensor, token_ids: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(probs [B, n_options], coverage [B])`` from next-token logits (or log-probs) ``[B, vocab]``.
-
-    Each option's mass sums its spellings' first tokens; ``probs`` is renormalised over the options and
-    ``coverage`` is the total mass the options had before that (how much the model answered on-format).
-    """
-    p = logits.float().softmax(-1)
-    mass = torch.stack([p[:, list(ids)].sum(-1) for ids in token_ids], dim=-1)
-    coverage = mass.sum(-1)
-    return mass / coverage.clamp_min(1e-30)[:, None], coverage
-
-
 __all__ = [
     "CONDITIONS",
     "READOUT_RULES",
@@ -326,7 +279,5 @@ __all__ = [
     "build_prompt",
     "encode_prompts",
     "feedback_text",
-    "label_token_ids",
-    "option_probs",
     "task_spec",
 ]

@@ -18,15 +18,29 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import ray
+
+from common.raycluster import init_ray
+from pipelines.datasets import load_records
 from pipelines.eval_plan import BASELINE, Condition, SteerSpec, TaskData, item_key, plan_hash
-from pipelines.evaluate import EvalConfig, make_task, resolve_layer, set_digest
+from pipelines.eval_report import fmt
+from pipelines.evaluate import (
+    EvalConfig,
+    derive_vectors,
+    make_task,
+    plan_all,
+    resolve_layer,
+    run_units,
+    score,
+    set_digest,
+)
 from pipelines.metrics import LOWER_IS_BETTER
 from sae.atomic import atomic_write_json, atomic_write_text
+from sae.lm import load_tokenizer
 
 
 def sweep_task(cfg: EvalConfig, name: str) -> TaskData:
     """Vectors from one half of ``name``'s training items, scoring on the other half."""
-    from pipelines.datasets import load_records
 
     train = load_records(name, "train")
     keys = sorted({item_key(r) for r in train})
@@ -48,11 +62,7 @@ def sweep_conditions(cfg: EvalConfig, layer: int, sae_layer: int | None) -> list
 
 def run_sweep(cfg: EvalConfig, *, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the sweep; writes ``sweep.jsonl``, ``sweep.md`` and ``sweep.json`` to ``cfg.out``."""
-    import ray
 
-    from pipelines.evaluate import derive_vectors, plan_all, run_units, score
-    from pipelines.raycluster import init_ray
-    from sae.lm import load_tokenizer
 
     started = time.perf_counter()
     cfg = dataclasses.replace(cfg, work_dir=cfg.work / "sweep")
@@ -119,7 +129,6 @@ def pick_best(rows: list[dict[str, Any]], sae_layer: int | None) -> dict[str, di
 def write_sweep(cfg: EvalConfig, rows: list[dict[str, Any]], result: dict[str, Any], tasks: list[TaskData]) -> None:
     import json
 
-    from pipelines.eval_report import fmt
 
     cfg.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(cfg.out / "sweep.jsonl", "".join(json.dumps(r) + "\n" for r in rows))

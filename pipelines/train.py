@@ -26,11 +26,23 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+import ray
+import ray.train
+import ray.train.torch
 import torch
+from ray.train.torch import TorchConfig, TorchTrainer
 
-from pipelines.config import ConfigError, StageConfig, check
+from common.config import ConfigError, StageConfig, check
+from common.raycluster import init_ray
+from pipelines.corpus import iter_documents
+from pipelines.datasets import data_dir
 from pipelines.store import MANIFEST, ActivationStore, StoreError
+from pipelines.tracking import Tracker
 from sae.atomic import atomic_write_json, sha256_file
+from sae.evaluate import ce_loss_recovered, reconstruction_metrics
+from sae.hooks import residuals
+from sae.lm import EMBEDDED, load_lm
+from sae.perf import flops_per_token, matmul_peak_flops
 from sae.train import (
     Normalizer,
     SAESpec,
@@ -294,10 +306,6 @@ def _load_checkpoint(trainer: SAETrainer, engine: Any, directory: Path) -> None:
 
 def train_worker(loop_config: dict[str, Any]) -> None:
     """The per-worker training loop that :class:`TorchTrainer` runs (one process per worker)."""
-    import ray.train
-    import ray.train.torch
-
-    from sae.perf import flops_per_token, matmul_peak_flops
 
     cfg = TrainConfig.from_dict(loop_config["cfg"])
     ctx = ray.train.get_context()
@@ -335,8 +343,6 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     peak = matmul_peak_flops(device, lp or torch.float32)
     flops = sum(flops_per_token(s) for s in trainer.saes.values())
     if rank == 0 and cfg.track:
-        from pipelines.tracking import Tracker
-
         tracker = Tracker("train", cfg.to_dict(), cfg.output_dir, name=f"{cfg.run_name(layer)}-r{resumed_from}")
     marker = Path(cfg.output_dir) / f".{cfg.run_name(layer)}.failure-injected"
     clock, clock_tokens = time.perf_counter(), trainer.tokens
@@ -384,7 +390,6 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
 def _worker_nodes(world: int) -> list[str]:
     """The Ray node id of every rank, in rank order (one all-gather over the process group)."""
-    import ray
     import torch.distributed as dist
 
     node = ray.get_runtime_context().get_node_id()
@@ -398,10 +403,6 @@ def _worker_nodes(world: int) -> list[str]:
 # -- the driver ------------------------------------------------------------------------------------------
 def run_train(cfg: TrainConfig) -> TrainResult:
     """Train, export and evaluate the SAEs of ``cfg``; see the module docstring."""
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from pipelines.raycluster import init_ray
 
     store, layer = _store_and_layer(cfg)
     cfg.trainer_config(len(store))  # fail early on a too-small store
@@ -510,7 +511,6 @@ def export_saes(
 
 
 def _log_final(cfg: TrainConfig, layer: int, dirs: dict[str, Path], metrics: dict[str, dict[str, Any]]) -> None:
-    from pipelines.tracking import Tracker
 
     with Tracker("train", cfg.to_dict(), cfg.output_dir, name=f"{cfg.run_name(layer)}-final") as tracker:
         flat = {f"{n}/{part}/{k}": v for n, m in metrics.items() for part, d in m.items() for k, v in d.items()}
@@ -540,7 +540,6 @@ def heldout_input_ids(
     ``skip_contexts=None``: from the *last* documents of the corpus (collection reads it from the start).
     Otherwise the contexts that follow the first ``skip_contexts`` ones, packed as :func:`pack_contexts`
     does: the same distribution as the store's, if the store was collected with that packing."""
-    from pipelines.corpus import iter_documents
 
     need = math.ceil(n_tokens / (context_size - 1))
     contexts: list[list[int]] = []
@@ -570,8 +569,6 @@ def evaluate_saes(
 ) -> dict[str, dict[str, float]]:
     """Per SAE: reconstruction metrics on the held-out residuals (position 0 and norm outliers dropped,
     as in collection) and CE loss recovered on the same tokens."""
-    from sae.evaluate import ce_loss_recovered, reconstruction_metrics
-    from sae.hooks import residuals
 
     acts = []
     for start in range(0, input_ids.shape[0], 8):
@@ -592,8 +589,6 @@ def evaluate_saes(
 def evaluate_on_heldout(
     cfg: TrainConfig, store: ActivationStore, layer: int, saes: dict[str, Any]
 ) -> dict[str, dict[str, float]]:
-    from pipelines.datasets import data_dir
-    from sae.lm import EMBEDDED, load_lm
 
     model_id = cfg.eval_model or store.manifest.model
     if model_id.startswith(f"{EMBEDDED}:"):

@@ -21,13 +21,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import ray
 import torch
 
-from pipelines.config import StageConfig, check
+from common.config import StageConfig, check
+from common.raycluster import init_ray
+from common.registry import RegistryClient
 from pipelines.datasets import LOADERS, load_records
 from pipelines.prompts import Prompt, build_prompt, encode_prompts, feedback_text
 from pipelines.records import DataError, PerspectiveRecord
+from pipelines.tracking import Tracker
+from sae.lm import load_lm, load_tokenizer, resolve_device, resolve_model
+from sae.model import SparseAutoencoder
 from sae.vectors import differences, mean_by_group, paired_readouts, pool, readout_residuals, sparsify
+from sae.vectorset import VectorSet, VectorSetMeta, sae_file_hash, sae_fingerprint
 
 
 @dataclass
@@ -188,7 +195,6 @@ def derive_fine(cfg: VectorConfig, model: Any, tokenizer: Any, sae: Any, layer: 
 
 
 def _load_sae(cfg: VectorConfig, device: str):
-    from sae.model import SparseAutoencoder
 
     if cfg.mode == "caa" and cfg.sae is None:
         return None
@@ -209,7 +215,6 @@ def resolve_layer(cfg: VectorConfig, sae: Any) -> int:
 
 def _remote_fine(cfg_dict: dict[str, Any], layer: int, pairs: list[FeedbackPair]) -> dict[str, Any]:
     """A Ray task's work: load the model (and SAE), read out ``pairs``; numpy out (no torch pickling)."""
-    from sae.lm import load_lm, resolve_device
 
     cfg = VectorConfig.from_dict(cfg_dict)
     device = str(resolve_device(cfg.device))
@@ -226,9 +231,6 @@ def _remote_fine(cfg_dict: dict[str, Any], layer: int, pairs: list[FeedbackPair]
 
 def derive_parallel(cfg: VectorConfig, layer: int, pairs: list[FeedbackPair]) -> Readouts:
     """Split the perspectives across ``cfg.workers`` Ray tasks (balanced by pair count); gather fine vectors."""
-    import ray
-
-    from pipelines.raycluster import init_ray
 
     init_ray(cfg.ray_address)
     by_persp: dict[str, list[FeedbackPair]] = defaultdict(list)
@@ -256,7 +258,6 @@ def derive_parallel(cfg: VectorConfig, layer: int, pairs: list[FeedbackPair]) ->
 
 def vector_sets(cfg: VectorConfig, readouts: Readouts, *, model: str, layer: int, sae: Any, extra: dict[str, Any]):
     """``{granularity: VectorSet}`` from fine readouts (coarse = sample-weighted pool; then top-k)."""
-    from sae.vectorset import VectorSet, VectorSetMeta, sae_file_hash, sae_fingerprint
 
     out = {}
     for granularity in cfg.granularities:
@@ -297,9 +298,6 @@ def run_vectors(cfg: VectorConfig, *, console: Any = None) -> VectorRun:
     """The whole stage: records -> pairs -> vectors -> files (+ registry, + W&B)."""
     from rich.console import Console
     from rich.table import Table
-
-    from pipelines.tracking import Tracker
-    from sae.lm import load_lm, load_tokenizer, resolve_device, resolve_model
 
     console = console or Console()
     records = load_records(cfg.data, cfg.split)  # type: ignore[arg-type]
@@ -353,8 +351,6 @@ def run_vectors(cfg: VectorConfig, *, console: Any = None) -> VectorRun:
     keys: dict[str, str] = {}
     client = None
     if cfg.publish:
-        from pipelines.registry import RegistryClient
-
         client = RegistryClient(cfg.registry_dir, address=cfg.ray_address)
     with Tracker("vectors", cfg.to_dict(), cfg.out, mode=None if cfg.track else "disabled") as tracker:
         for granularity, vs in sets.items():

@@ -34,10 +34,13 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from common.registry import RegistryClient
+from sae.decoding import Decoding
+from sae.lm import load_tokenizer, resolve_model
+from sae.readout import ReadoutError, label_token_ids, option_probs
 from serve.auth import KeyRing
 from serve.config import AGGREGATOR, BASE, FUSED, ServeConfig, perspective_deployment
-from serve.decoding import Decoding
-from serve.generation import GenParams, StepLogits, TextStream, TokenEvent, plural_decode
+from serve.generation import GenParams, StepLogits, TextStream, TokenEvent, combined_scores, plural_decode
 from serve.metrics import Metrics
 from serve.schemas import ChatMessage, ChatRequest, CompletionRequest, DecodingParams, DistributionRequest
 
@@ -176,8 +179,6 @@ class PluralAggregator:
         fused: Any = None,
     ) -> None:
         from transformers import AutoConfig
-
-        from sae.lm import load_tokenizer, resolve_model
 
         self.cfg = ServeConfig.from_dict(cfg)
         api.state.auth = self.cfg.auth
@@ -463,7 +464,6 @@ class PluralAggregator:
         }  # fmt: skip
 
     def _entry(self) -> dict[str, Any]:
-        from pipelines.registry import RegistryClient
 
         if self._client is None:
             self._client = RegistryClient(self.cfg.registry_dir, address=self.cfg.ray_address)
@@ -622,8 +622,6 @@ class PluralAggregator:
     @api.post("/v1/distribution", dependencies=Auth)
     async def distribution(self, body: DistributionRequest) -> dict[str, Any]:
         """Probabilities of ``options`` as the next token: per perspective, unsteered and combined."""
-        from pipelines.prompts import PromptError, label_token_ids, option_probs
-        from serve.generation import combined_scores
 
         if (body.prompt is None) == (body.messages is None):
             raise ApiError(422, "give exactly one of prompt and messages", param="prompt")
@@ -634,7 +632,7 @@ class PluralAggregator:
             ids = self._check_prompt(self._encode_chat(body.messages or []), 1, "messages")
         try:
             label_ids = label_token_ids(self.tokenizer, body.options)
-        except PromptError as err:
+        except ReadoutError as err:
             raise ApiError(422, f"options: {err}", param="options") from None
         except Exception as err:  # the tokenizer refuses the text
             raise ApiError(422, f"options: cannot be tokenized ({type(err).__name__})", param="options") from None

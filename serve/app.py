@@ -20,10 +20,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+import ray
 import yaml
+from ray import serve
 
-from pipelines.config import ConfigError
+from common.config import ConfigError
+from common.raycluster import init_ray
+from common.registry import RegistryClient, RegistryError, parse_key
+from serve.aggregator import PluralAggregator
+from serve.auth import KeyRing
 from serve.config import AGGREGATOR, BASE, FUSED, ServeConfig, perspective_deployment
+from serve.replicas import BaseModel, FusedPlural, PerspectiveModel
 from serve.routing import ROUTER_PATH
 
 
@@ -51,7 +58,6 @@ def config_from_args(args: dict[str, Any] | None) -> ServeConfig:
 def publish_vectors_file(cfg: ServeConfig) -> str | None:
     """Publish ``vectors_file`` as the next version of ``vectors`` unless it already is the latest; returns the
     key published (``None`` if nothing was)."""
-    from pipelines.registry import RegistryClient, parse_key
 
     if cfg.vectors_file is None:
         return None
@@ -69,7 +75,6 @@ def publish_vectors_file(cfg: ServeConfig) -> str | None:
 
 def resolve_perspectives(cfg: ServeConfig) -> list[str]:
     """The perspectives to deploy: ``cfg.perspectives`` (checked against the set), else all of the set."""
-    from pipelines.registry import RegistryClient, RegistryError
 
     try:
         vs = RegistryClient(cfg.registry_dir, address=cfg.ray_address).get(cfg.vectors)
@@ -108,8 +113,6 @@ def _options(cfg: ServeConfig, name: str) -> dict[str, Any]:
 
 def build(cfg: ServeConfig, perspectives: list[str] | None = None) -> Any:
     """The bound application for ``cfg`` (``perspectives``: default :func:`resolve_perspectives`)."""
-    from serve.aggregator import PluralAggregator
-    from serve.replicas import BaseModel, FusedPlural, PerspectiveModel
 
     if perspectives is None:
         publish_vectors_file(cfg)
@@ -117,8 +120,6 @@ def build(cfg: ServeConfig, perspectives: list[str] | None = None) -> Any:
     spec = cfg.to_dict()
     spec["vectors_file"] = None  # published above: replicas read the registry
     if cfg.registry_dir is None:
-        from pipelines.registry import RegistryClient
-
         spec["registry_dir"] = str(RegistryClient(None, address=cfg.ray_address).root)
 
     def bind(deployment: Any, name: str, *args: Any) -> Any:
@@ -156,11 +157,6 @@ def cpus_needed(cfg: ServeConfig, perspectives: list[str]) -> float:
 def run_serve(cfg: ServeConfig, *, block: bool = True, echo: Any = print) -> Any:
     """Start the app (a local Ray unless ``ray_address``), print its URL and, with ``block``, serve until
     Ctrl-C or SIGTERM, then shut it down (Serve and the local Ray; on a cluster only this app is deleted)."""
-    import ray
-    from ray import serve
-
-    from pipelines.raycluster import init_ray
-    from serve.auth import KeyRing
 
     KeyRing.from_env(cfg.api_keys_env, required=cfg.auth)  # fail here, not in a replica
     local = cfg.ray_address is None and not os.environ.get("RAY_ADDRESS") and not ray.is_initialized()
@@ -207,8 +203,6 @@ def run_serve(cfg: ServeConfig, *, block: bool = True, echo: Any = print) -> Any
 
 def _stop(cfg: ServeConfig, local: bool) -> None:
     """Shut Serve and the local Ray down; on a cluster, delete only this app."""
-    import ray
-    from ray import serve
 
     if local:
         serve.shutdown()

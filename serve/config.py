@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pipelines.config import ConfigError, StageConfig, check
-from serve.decoding import DECODING_MODES
+from common.config import ConfigError, StageConfig, check
+from sae.decoding import DECODING_MODES
 
 AGGREGATOR = "PluralAggregator"
 BASE = "BaseModel"

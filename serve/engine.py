@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from sae.decoding import last_logits
 from sae.hooks import steer
-from serve.decoding import last_logits
 
 
 @dataclass(frozen=True)

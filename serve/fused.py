@@ -30,8 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from sae.decoding import last_logits
 from sae.hooks import decoder_layers, resolve_layer
-from serve.decoding import last_logits
 from serve.engine import EngineBase, Row, RowOut, SessionCache, Steering, StepEngine
 
 

@@ -1,9 +1,9 @@
 """The aggregator's decoding loop, apart from HTTP and Ray: step by step, ask for the K perspectives' (and the
-unsteered) next-token logits, combine them (:func:`serve.decoding.combine`), pick a token, repeat.
+unsteered) next-token logits, combine them (:func:`sae.decoding.combine`), pick a token, repeat.
 
 ``step_fn(ids, first)`` is whatever fetches the logits — the per-perspective replicas fanned out
 concurrently, or the fused replica — and returns :class:`StepLogits`. Picking is
-:func:`serve.decoding.plural_generate`'s (greedy, or sampling from the ``top_k`` most likely tokens at
+:func:`sae.decoding.plural_generate`'s (greedy, or sampling from the ``top_k`` most likely tokens at
 ``temperature`` with a seeded generator), so a served request and ``plural_generate`` with the same
 settings choose the same tokens. :class:`TextStream` turns tokens into text deltas for streaming:
 incomplete UTF-8 and possible starts of stop sequences are held back.
@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from serve.decoding import Decoding, _pick, combine, dvd_weights
+from sae.decoding import Decoding, _pick, combine, dvd_weights
 
 
 @dataclass

@@ -20,6 +20,10 @@ import ray
 import torch
 from ray import serve
 
+from common.registry import RegistryClient, VectorWatch, parse_key
+from sae.lm import load_lm, resolve_device
+from sae.model import SparseAutoencoder
+from sae.vectorset import sae_fingerprint
 from serve.batcher import ContinuousBatcher
 from serve.config import BASE, FUSED, PERSPECTIVE, ServeConfig
 from serve.engine import Row, RowOut, SessionCache, Steering, StepEngine
@@ -50,7 +54,6 @@ class VectorSource:
     one the set records (reloaded when a new version records another)."""
 
     def __init__(self, cfg: ServeConfig, device: str) -> None:
-        from pipelines.registry import RegistryClient, VectorWatch, parse_key
 
         self.cfg = cfg
         self.device = device
@@ -79,8 +82,6 @@ class VectorSource:
         return self._steering
 
     def _load_sae(self, vs: Any) -> None:
-        from sae.model import SparseAutoencoder
-        from sae.vectorset import sae_fingerprint
 
         if vs.meta.mode == "caa":
             self.sae = None
@@ -99,7 +100,6 @@ class ModelServer:
     ``PerspectiveModel``; ``None`` with ``fused=False`` is the unsteered ``BaseModel``."""
 
     def __init__(self, cfg: dict[str, Any], perspective: str | None = None, *, fused: bool = False, threads: int = 1):
-        from sae.lm import load_lm, resolve_device
 
         self.cfg = ServeConfig.from_dict(cfg)
         torch.set_num_threads(max(1, threads))

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 from safetensors.torch import save_file
 
-from pipelines.config import ConfigError, StageConfig
+from common.config import ConfigError, StageConfig
 from pipelines.store import ActivationStore, StoreError, write_shard
 from sae.model import SAEConfig, SAEFormatError, SparseAutoencoder
 from sae.vectorset import VectorSet, VectorSetError, VectorSetMeta
@@ -141,7 +141,7 @@ def test_the_train_command_reports_a_corrupt_store_without_a_traceback(small_sto
     _manifest(lambda m: {**m, "d_model": -4})(root)
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled"}
     proc = subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", "train", "--set", f"store={root}", "--set", "track=false"],
+        [sys.executable, "-m", "pluristeer.cli", "train", "--set", f"store={root}", "--set", "track=false"],
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr[-2000:]

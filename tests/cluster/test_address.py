@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from pipelines.cli import _overrides, app
-from pipelines.raycluster import RayAddressError, check_address, init_ray
+from common.raycluster import RayAddressError, check_address, init_ray
+from pluristeer.cli import _overrides, app
 
 STAGES = ("collect", "train", "vectors", "evaluate", "serve")
 

@@ -153,12 +153,12 @@ def test_serve_replicas_on_two_nodes_answer_like_offline_decoding(
 ) -> None:
     from ray import serve
 
-    from pipelines.registry import RegistryClient
+    from common.registry import RegistryClient
+    from sae.decoding import Decoding, plural_generate
     from sae.lm import load_lm, model_name
     from sae.vectorset import VectorSet, VectorSetMeta, sae_file_hash, sae_fingerprint
     from serve.app import build
     from serve.config import ServeConfig
-    from serve.decoding import Decoding, plural_generate
 
     (sae_dir,) = trained["spread"].sae_dirs.values()
     sae = SparseAutoencoder.load(sae_dir)
@@ -216,7 +216,7 @@ def test_serve_replicas_on_two_nodes_answer_like_offline_decoding(
 
 
 def test_worker_resources_and_placement_are_checked(tmp_path: Path) -> None:
-    from pipelines.config import ConfigError
+    from common.config import ConfigError
 
     with pytest.raises(ConfigError, match="cpus_per_worker / use_gpu"):
         _train_cfg(tmp_path, tmp_path, "auto", worker_resources={"CPU": 2})

@@ -16,9 +16,9 @@ import pytest
 import torch
 import yaml
 
+from common.config import ConfigError
 from pipelines.collect import CollectConfig, collect
 from pipelines.collect_worker import select_positions
-from pipelines.config import ConfigError
 from pipelines.contexts import plan_contexts
 from pipelines.corpus import iter_documents
 from pipelines.records import DataError
@@ -175,7 +175,7 @@ def test_killed_driver_resumes_to_the_same_store(local_ray, tiny_lm_dir, data_ro
     path.write_text(yaml.safe_dump(cfg.to_dict()))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own Ray, killed with it
     env.update(PYTHONPATH=str(REPO), WANDB_MODE="disabled")
-    command = [sys.executable, "-m", "pipelines.cli", "collect", "--config", str(path)]
+    command = [sys.executable, "-m", "pluristeer.cli", "collect", "--config", str(path)]
     driver = subprocess.Popen(
         command, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
@@ -217,7 +217,7 @@ def test_resume_refuses_other_settings_and_cli_errors_are_clear(tiny_lm_dir, dat
         collect(_cfg(tiny_lm_dir, tmp_path / "s2", data_root, corpus=tmp_path / "small"))
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled"}
     proc = subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", "collect", "--set", f"model={tiny_lm_dir}", "--set", "layers=7"],
+        [sys.executable, "-m", "pluristeer.cli", "collect", "--set", f"model={tiny_lm_dir}", "--set", "layers=7"],
         capture_output=True,
         text=True,
         env=env,

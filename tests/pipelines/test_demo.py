@@ -11,7 +11,7 @@ def test_demo_runs_the_whole_pipeline_and_resumes(data_root: Path, tmp_path: Pat
     """`pluristeer demo` at its smallest: every stage writes its output, and a rerun reuses them all."""
     env = {**os.environ, "PLURISTEER_DATA": str(data_root), "COLUMNS": "160"}
     out = tmp_path / "demo"
-    cmd = [sys.executable, "-m", "pipelines.cli", "demo", "--out", str(out), "--tokens", "4096", "--limit", "1"]
+    cmd = [sys.executable, "-m", "pluristeer.cli", "demo", "--out", str(out), "--tokens", "4096", "--limit", "1"]
     first = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     manifest = json.loads((out / "store" / "manifest.json").read_text())

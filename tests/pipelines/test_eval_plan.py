@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from pipelines.config import ConfigError
+from common.config import ConfigError
 from pipelines.eval_plan import (
     ALL_CONDITIONS,
     REFERENCE_FROM_POSITION,

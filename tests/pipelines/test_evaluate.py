@@ -18,10 +18,11 @@ import torch
 from pipelines.datasets import load_records
 from pipelines.eval_plan import ALL_CONDITIONS, SteerSpec, UnitBuilder
 from pipelines.evaluate import EvalConfig, run_evaluate
-from pipelines.prompts import build_prompt, label_token_ids, option_probs
+from pipelines.prompts import build_prompt
+from sae.decoding import Decoding, plural_next_token
 from sae.lm import model_name
+from sae.readout import label_token_ids, option_probs
 from sae.vectorset import VectorSet, VectorSetMeta, sae_fingerprint
-from serve.decoding import Decoding, plural_next_token
 
 TASKS = ("globalopinionqa", "crehate", "mislc", "crowd_truthfulness")
 

@@ -69,7 +69,7 @@ def test_explain_command_prints_and_writes_a_report(tmp_path: Path, embedded, em
     model, _ = embedded
     path = _vector_set(model, embedded_sae.sae, {10: 1.0, 20: 0.5}).save(tmp_path / "set.safetensors")
     env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200"}
-    cmd = [sys.executable, "-m", "pipelines.cli", "explain", str(path), "--sae", str(embedded_sae.path)]
+    cmd = [sys.executable, "-m", "pluristeer.cli", "explain", str(path), "--sae", str(embedded_sae.path)]
     cmd += ["--store", str(embedded_sae.store), "--top", "2", "--contexts", "2", "--out", str(tmp_path / "r.md")]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from pipelines.prompts import (
     PromptError,
@@ -9,8 +8,6 @@ from pipelines.prompts import (
     build_prompt,
     encode_prompts,
     feedback_text,
-    label_token_ids,
-    option_probs,
 )
 from pipelines.records import PerspectiveRecord
 from sae.lm import load_tokenizer
@@ -84,17 +81,3 @@ def test_after_colon_readout_is_the_token_after_the_last_colon(tok) -> None:
     q = type(q)(q.text + " Yes", q.task, q.condition, q.labels, "after_colon", q.templated)
     ids_q, pos_q = encode_prompts(tok, [q])
     assert tok.decode(ids_q[0][pos_q[0]]) == " Yes"
-
-
-def test_label_readout_sums_spellings_and_rejects_ambiguous_labels(tok) -> None:
-    ids = label_token_ids(tok, ("No", "Yes"))
-    assert tok.encode(" Yes", add_special_tokens=False)[0] in ids[1]
-    assert len(label_token_ids(tok, ("A", "B"))[0]) == 2  # "A" and " A", not the article " a"
-    logits = torch.full((1, len(tok)), -30.0)
-    logits[0, ids[1][0]] = 5.0
-    logits[0, ids[0][0]] = 5.0 + torch.tensor(3.0).log()  # "No" 3x as likely as "Yes"
-    probs, coverage = option_probs(logits, ids)
-    torch.testing.assert_close(probs, torch.tensor([[0.75, 0.25]]))
-    assert coverage.item() > 0.99
-    with pytest.raises(PromptError, match="start with the same token"):
-        label_token_ids(tok, ("mostly-true", "mostly-false"))

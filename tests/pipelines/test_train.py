@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from pipelines.config import ConfigError
+from common.config import ConfigError
 from pipelines.corpus import iter_documents
 from pipelines.store import ActivationStore
 from pipelines.train import (
@@ -152,7 +152,7 @@ def test_cli_train_reports_config_errors_without_a_traceback(tiny_store: Path, t
     config = tmp_path / "train.yaml"
     config.write_text(f"store: {tiny_store}\nexpansions: [4]\nk: 4\n")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cli = [sys.executable, "-m", "pipelines.cli", "train", "--config", str(config)]
+    cli = [sys.executable, "-m", "pluristeer.cli", "train", "--config", str(config)]
     proc = subprocess.run(
         [*cli, "--set", "workers=2", "--set", "batch_size=16384"], capture_output=True, text=True, env=env, cwd=tmp_path
     )
@@ -183,7 +183,7 @@ def test_killed_driver_resumes_from_its_last_checkpoint(ray_cluster, tiny_store:
     path.write_text(yaml.safe_dump(cfg.to_dict()))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own Ray, killed with it
     env.update(PYTHONPATH=str(REPO), WANDB_MODE="disabled")
-    command = [sys.executable, "-m", "pipelines.cli", "train", "--config", str(path)]
+    command = [sys.executable, "-m", "pluristeer.cli", "train", "--config", str(path)]
     snapshot = cfg.output_dir / "ray" / cfg.run_name(3) / "checkpoint_manager_snapshot.json"
     driver = subprocess.Popen(
         command, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path

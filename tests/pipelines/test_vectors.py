@@ -7,14 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipelines.config import ConfigError
+from common.config import ConfigError
 from pipelines.datasets import load_records
-from pipelines.prompts import build_prompt, label_token_ids, option_probs
+from pipelines.prompts import build_prompt
 from pipelines.vectors import VectorConfig, derive_fine, feedback_pairs, select_samples, vector_sets
+from sae.decoding import Decoding, last_logits, plural_next_token
 from sae.lm import model_name
+from sae.readout import label_token_ids, option_probs
 from sae.vectors import pool
 from sae.vectorset import VectorSet, VectorSetMeta, sae_fingerprint
-from serve.decoding import Decoding, last_logits, plural_next_token
 
 ANNOTATORS = 3
 SAMPLES = 20

@@ -17,9 +17,9 @@ import torch
 
 from pipelines.datasets import load_records
 from pipelines.vectors import VectorConfig, derive_fine, feedback_pairs, select_samples, vector_sets
+from sae.decoding import Decoding, plural_generate, plural_next_token
 from sae.lm import model_name
 from sae.vectorset import VectorSet
-from serve.decoding import Decoding, plural_generate, plural_next_token
 
 KEY = "test-key-7f3a"
 NAME = "gqa-test"
@@ -59,7 +59,7 @@ def app(embedded, embedded_sae, tmp_path_factory):
     import ray
     from ray import serve
 
-    from pipelines.registry import RegistryClient
+    from common.registry import RegistryClient
     from serve.app import build
     from serve.config import ServeConfig
 

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from cluster.manifests import serve_config_problems
-from pipelines.config import ConfigError
+from common.config import ConfigError
 from serve.app import config_from_args, cpus_needed, deployment_names
 from serve.config import ServeConfig, perspective_deployment, slug
 from tests.conftest import REPO

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
+from sae.decoding import Decoding, combine, plural_generate
 from sae.lm import model_name
 from sae.vectorset import VectorSet, VectorSetMeta, sae_fingerprint
-from serve.decoding import Decoding, combine, plural_generate
 from serve.engine import Row, SessionCache, Steering, StepEngine
 
 

@@ -9,9 +9,9 @@ import threading
 import pytest
 import torch
 
+from sae.decoding import Decoding, combine
 from serve.auth import AuthError, KeyRing
 from serve.batcher import ContinuousBatcher
-from serve.decoding import Decoding, combine
 from serve.generation import GenParams, StepLogits, TextStream, plural_decode
 from serve.routing import rendezvous
 

@@ -6,7 +6,7 @@ from typing import Literal
 
 import pytest
 
-from pipelines.config import ConfigError, StageConfig, check
+from common.config import ConfigError, StageConfig, check
 
 
 @dataclass

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from common.registry import REGISTRY_NAME, RegistryClient, RegistryError, VectorRegistry, parse_key
 from pipelines.datasets import load_records
-from pipelines.registry import REGISTRY_NAME, RegistryClient, RegistryError, VectorRegistry, parse_key
 from pipelines.vectors import VectorConfig, derive_fine, feedback_pairs, select_samples
 from sae.vectorset import VectorSet, VectorSetMeta
 from tests.conftest import REPO
@@ -66,7 +66,7 @@ def _env() -> dict[str, str]:
 
 FETCH = """
 import json, sys
-from pipelines.registry import RegistryClient
+from common.registry import RegistryClient
 client = RegistryClient(address=sys.argv[1])
 vs = client.get(sys.argv[2])
 print(json.dumps({"latest": client.latest(sys.argv[2]), "perspectives": vs.perspectives,
@@ -84,7 +84,7 @@ def test_a_set_published_by_one_driver_is_fetched_by_another_after_it_exits(
         f"sae={embedded_sae.path}", "data=mislc", "samples=3", "max_perspectives=2", "workers=2", "worker_cpus=0.5",
         f"out={out}", f"registry_dir={registry}", f"ray_address={address}", "track=false",
     ]  # fmt: skip
-    cli = [sys.executable, "-m", "pipelines.cli", "vectors", *(a for o in overrides for a in ("--set", o))]
+    cli = [sys.executable, "-m", "pluristeer.cli", "vectors", *(a for o in overrides for a in ("--set", o))]
     first = subprocess.run(cli, capture_output=True, text=True, env=_env(), cwd=REPO, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "published mislc-sae-fine@1" in first.stdout and "2 Ray tasks" in first.stdout

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from pipelines.raycluster import init_ray
+from common.raycluster import init_ray
 
 
 @pytest.mark.fault

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from serve.decoding import Decoding, combine, dvd_weights, topk_entropy
+from sae.decoding import Decoding, combine, dvd_weights, topk_entropy
 
 
 def _logits(k: int = 3, batch: int = 2, vocab: int = 50, seed: int = 0, scale: float = 3.0) -> torch.Tensor:

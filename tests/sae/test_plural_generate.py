@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from sae.decoding import Decoding, combine, last_logits, plural_generate, plural_next_token
 from sae.lm import model_name
 from sae.vectorset import VectorSet, VectorSetMeta, sae_fingerprint
-from serve.decoding import Decoding, combine, last_logits, plural_generate, plural_next_token
 
 PROMPTS = ["Write one sentence about the sea.", "Name a famous painter and say why."]
 

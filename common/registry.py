@@ -22,6 +22,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import ray
+
+from common.raycluster import init_ray
 from sae.atomic import atomic_write, atomic_write_json
 from sae.lm import cache_dir
 from sae.vectorset import VectorSet
@@ -102,8 +105,6 @@ class VectorRegistry:
     @staticmethod
     def _put(data: bytes) -> Any:
         try:
-            import ray
-
             return ray.put(data) if ray.is_initialized() else data
         except ImportError:
             return data
@@ -152,9 +153,7 @@ class VectorRegistry:
 def registry_actor(root: str | Path | None = None, *, address: str | None = None) -> Any:
     """The registry actor's handle: the running one, or a new detached one with ``root`` (default
     :func:`default_root`). Raises :class:`RegistryError` if it runs with a different ``root``."""
-    import ray
 
-    from pipelines.raycluster import init_ray
 
     init_ray(address)
     wanted = str(Path(root).expanduser().resolve()) if root is not None else None
@@ -190,8 +189,6 @@ class RegistryClient:
         self.root = ray_get(self.actor.root_dir.remote())
 
     def _call(self, method: str, *args: Any) -> Any:
-        import ray
-
         try:
             return ray_get(getattr(self.actor, method).remote(*args))
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
@@ -223,8 +220,6 @@ class RegistryClient:
 
 
 def ray_get(ref: Any) -> Any:
-    import ray
-
     try:
         return ray.get(ref)
     except ray.exceptions.RayTaskError as err:  # unwrap our own errors raised inside the actor

@@ -5,11 +5,14 @@ from __future__ import annotations
 import os
 import re
 import socket
+from pathlib import Path
 from typing import Any
 
-from pipelines.config import ConfigError
+from common.config import ConfigError
 
 _ADDRESS = re.compile(r"^(?P<scheme>ray://)?(?P<host>[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]):(?P<port>\d{1,5})$")
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("sae", "common", "pipelines", "serve", "pluristeer")  # shipped to remote workers as py_modules
 ADDRESS_FORMS = "'auto', 'local', 'ray://host:10001' (Ray Client) or 'host:6379' (the head's GCS address)"
 
 
@@ -66,12 +69,8 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, **kwarg
         if num_cpus is not None:
             options["num_cpus"] = num_cpus
     if address and address.startswith("ray://"):
-        import pipelines
-        import sae
-        import serve
-
         runtime_env = dict(options.pop("runtime_env", None) or {})
-        runtime_env.setdefault("py_modules", [sae, pipelines, serve])
+        runtime_env.setdefault("py_modules", [str(ROOT / name) for name in PACKAGES])
         options["runtime_env"] = runtime_env
     if address is None and not os.environ.get("RAY_ADDRESS"):
         address = "local"  # a Ray of our own, even where `ray start` left a cluster that ray.init() would join

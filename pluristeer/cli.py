@@ -21,7 +21,7 @@ SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a conf
 
 
 def _check_address(address: str | None) -> str | None:
-    from pipelines.raycluster import RayAddressError, check_address
+    from common.raycluster import RayAddressError, check_address
 
     try:
         return check_address(address)
@@ -52,20 +52,35 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def _user_errors() -> tuple[type[Exception], ...]:
+    """The errors that mean "fix your input" (printed as one line, exit 2), from every layer; imported here
+    because the stage modules are heavy (torch, Ray) and ``pluristeer --help`` should stay fast."""
+    from common.config import ConfigError
+    from common.registry import RegistryError
+    from pipelines.prompts import PromptError
+    from pipelines.records import DataError
+    from pipelines.store import StoreError
+    from sae.lm import ModelNotFoundError
+    from sae.model import SAEFormatError
+    from sae.readout import ReadoutError
+    from sae.vectorset import VectorSetError
+
+    return (
+        ConfigError, DataError, PromptError, ReadoutError, RegistryError, StoreError, ModelNotFoundError,
+        SAEFormatError, VectorSetError,
+    )  # fmt: skip
+
+
 @app.command()
 def collect(config: ConfigOpt = None, set_: SetOpt = None, address: AddressOpt = None) -> None:
     """Collect residual-stream activations from a corpus into a sharded store (Ray Data); reruns resume."""
     from pipelines.collect import CollectConfig
     from pipelines.collect import collect as run_collect
-    from pipelines.config import ConfigError
-    from pipelines.records import DataError
-    from pipelines.store import StoreError
-    from sae.lm import ModelNotFoundError
 
     try:
         cfg = CollectConfig.load(config, _overrides(set_, address))
         result = run_collect(cfg)
-    except (ConfigError, StoreError, DataError, ModelNotFoundError) as err:
+    except _user_errors() as err:
         _fail(str(err))
     except KeyboardInterrupt:
         _fail("interrupted: complete shards are kept; rerun the same command to resume", code=130)
@@ -80,17 +95,12 @@ def collect(config: ConfigOpt = None, set_: SetOpt = None, address: AddressOpt =
 @app.command()
 def train(config: ConfigOpt = None, set_: SetOpt = None, address: AddressOpt = None) -> None:
     """Train sparse autoencoders (8x, 32x, ...) on an activation store (Ray Train)."""
-    from pipelines.config import ConfigError
-    from pipelines.records import DataError
-    from pipelines.store import StoreError
     from pipelines.train import TrainConfig, run_train
-    from sae.lm import ModelNotFoundError
-    from sae.model import SAEFormatError
 
     try:
         cfg = TrainConfig.load(config, _overrides(set_, address))
         result = run_train(cfg)
-    except (ConfigError, StoreError, DataError, ModelNotFoundError, SAEFormatError) as err:
+    except _user_errors() as err:
         _fail(str(err))
         return
     typer.echo(f"trained {result.steps} steps, {result.tokens} tokens; checkpoint {result.checkpoint}")
@@ -107,19 +117,11 @@ def train(config: ConfigOpt = None, set_: SetOpt = None, address: AddressOpt = N
 @app.command()
 def vectors(config: ConfigOpt = None, set_: SetOpt = None, address: AddressOpt = None) -> None:
     """Derive per-perspective steering vectors from ≤50 samples and publish them."""
-    from pipelines.config import ConfigError
-    from pipelines.prompts import PromptError
-    from pipelines.records import DataError
-    from pipelines.registry import RegistryError
     from pipelines.vectors import VectorConfig, run_vectors
-    from sae.lm import ModelNotFoundError
-    from sae.model import SAEFormatError
-    from sae.vectorset import VectorSetError
 
-    errors = (ConfigError, DataError, PromptError, RegistryError, ModelNotFoundError, SAEFormatError, VectorSetError)
     try:
         run_vectors(VectorConfig.load(config, _overrides(set_, address)))
-    except errors as err:
+    except _user_errors() as err:
         _fail(str(err))
 
 
@@ -142,18 +144,13 @@ def explain(
 ) -> None:
     """Show a steering vector's top SAE features and the corpus contexts that activate them."""
     from pipelines.explain import explain_command
-    from pipelines.records import DataError
-    from pipelines.registry import RegistryError
-    from pipelines.store import StoreError
-    from sae.model import SAEFormatError
-    from sae.vectorset import VectorSetError
 
     try:
         explain_command(
             vectors, perspectives=perspective or [], store=store, corpus=corpus, sae_dir=sae, top=top,
             contexts=contexts, max_tokens=max_tokens, out=out, ray_address=ray_address, relative=relative,
         )  # fmt: skip
-    except (DataError, RegistryError, StoreError, SAEFormatError, VectorSetError, ValueError) as err:
+    except (*_user_errors(), ValueError) as err:
         _fail(str(err))
 
 
@@ -167,21 +164,13 @@ def evaluate(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="plan and count tokens, run nothing")] = False,
 ) -> None:
     """Run the paper's experiment protocol and write tables, plots and W&B runs."""
-    from pipelines.config import ConfigError
     from pipelines.evaluate import EvalConfig, run_evaluate
-    from pipelines.prompts import PromptError
-    from pipelines.records import DataError
-    from pipelines.registry import RegistryError
-    from sae.lm import ModelNotFoundError
-    from sae.model import SAEFormatError
-    from sae.vectorset import VectorSetError
 
     overrides = _overrides(set_, address)
     if limit is not None:
         overrides.append(f"limit={limit}")
     if dry_run:
         overrides.append("dry_run=true")
-    errors = (ConfigError, DataError, PromptError, RegistryError, ModelNotFoundError, SAEFormatError, VectorSetError)
     try:
         cfg = EvalConfig.load(config, overrides)
         if sweep:
@@ -190,7 +179,7 @@ def evaluate(
             run_sweep(cfg)
         else:
             run_evaluate(cfg)
-    except errors as err:
+    except _user_errors() as err:
         _fail(str(err))
     except KeyboardInterrupt:
         _fail("interrupted: finished units are kept in the work directory; rerun the same command to resume", 130)
@@ -199,16 +188,12 @@ def evaluate(
 @app.command()
 def serve(config: ConfigOpt = None, set_: SetOpt = None, address: AddressOpt = None) -> None:
     """Serve steered perspectives and pluralistic decoding over HTTP (Ray Serve); Ctrl-C stops it."""
-    from pipelines.config import ConfigError
-    from pipelines.registry import RegistryError
-    from sae.lm import ModelNotFoundError
-    from sae.vectorset import VectorSetError
     from serve.app import run_serve
     from serve.config import ServeConfig
 
     try:
         run_serve(ServeConfig.load(config, _overrides(set_, address)), echo=typer.echo)
-    except (ConfigError, RegistryError, ModelNotFoundError, VectorSetError, RuntimeError) as err:
+    except (*_user_errors(), RuntimeError) as err:
         _fail(str(err))  # RuntimeError: no API keys (serve.auth.AuthError), or Serve could not deploy
 
 
@@ -216,11 +201,10 @@ def serve(config: ConfigOpt = None, set_: SetOpt = None, address: AddressOpt = N
 def data(data_dir: DataOpt = None) -> None:
     """List the data sets, their splits, record and perspective counts."""
     from pipelines.demo import data_table
-    from pipelines.records import DataError
 
     try:
         data_table(data_dir)
-    except DataError as err:
+    except _user_errors() as err:
         _fail(str(err))
 
 
@@ -233,16 +217,13 @@ def demo(
     limit: Annotated[int, typer.Option(help="test records per perspective in the evaluation slice")] = 20,
 ) -> None:
     """The whole pipeline on a small scale: collect -> train an 8x SAE -> vectors -> evaluate -> results table."""
-    from pipelines.config import ConfigError
     from pipelines.demo import DemoSettings, run_demo
-    from pipelines.records import DataError
-    from sae.lm import ModelNotFoundError
 
     if tokens < 4096 or limit < 1:
         _fail("--tokens must be >= 4096 and --limit >= 1")
     try:
         run_demo(data_dir=data_dir, model_id=model, out=out, settings=DemoSettings(tokens=tokens, limit=limit))
-    except (ConfigError, DataError, ModelNotFoundError) as err:
+    except _user_errors() as err:
         _fail(str(err))
     except KeyboardInterrupt:
         _fail("interrupted: rerun the same command to resume", 130)

@@ -21,7 +21,7 @@ from sae.lm import model_name
 from sae.vectorset import VectorSet, VectorSetMeta, sae_fingerprint
 from tests.conftest import REPO
 
-CLI = [sys.executable, "-m", "pipelines.cli", "serve"]
+CLI = [sys.executable, "-m", "pluristeer.cli", "serve"]
 
 
 def _env(**extra: str) -> dict[str, str]:
