@@ -2,9 +2,9 @@
 
 ``python -m cluster.jobcheck --store STORE --out DIR`` starts ``ray start --head --block`` in its own process
 group (every port free-picked, its own ``--temp-dir``, so other Ray instances on the machine are untouched),
-runs ``ray job submit --runtime-env-json '{"working_dir": <this checkout>, ...}' -- python -m pluristeer.cli
-train --address auto ...``, waits for ``SUCCEEDED`` and stops the head by signalling its process group (never
-``ray stop``, which stops every Ray on the machine).
+runs ``ray job submit --runtime-env-json '{"working_dir": <this checkout>, ...}' -- python -m <cli module>
+train --address auto ...`` (the module of the console script in ``pyproject.toml``), waits for ``SUCCEEDED``
+and stops the head by signalling its process group (never ``ray stop``, which stops every Ray on the machine).
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from cluster.pins import REPO, project_pins
+
 PORTS = (
     "port",
     "dashboard-port",
@@ -148,16 +149,17 @@ def _kill_leftovers(marker: str, grace_s: float) -> None:
 
 
 def submit_train(head: LocalHead, train_args: Sequence[str], *, env: dict[str, str] | None = None) -> tuple[str, str]:
-    """``ray job submit`` of ``python -m pluristeer.cli train --address auto <train_args>`` with this checkout as
+    """``ray job submit`` of ``python -m <cli module> train --address auto <train_args>`` with this checkout as
     the working_dir; returns (final status, the submit command's output)."""
     # RAY_ADDRESS for every process of the job: Ray Train's placement-group cleaner asks the State API with no
     # address, and on a machine running several Ray instances "auto" is ambiguous (it logs a ConnectionError)
     env_vars = {"WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": head.gcs_address, **(env or {})}
     runtime_env = {"working_dir": str(REPO), "env_vars": env_vars}
+    cli = project_pins(REPO).script[1].partition(":")[0]
     job_id = f"pluristeer-train-{int(time.time())}"
     submit = [_ray(), "job", "submit", f"--address={head.dashboard}", f"--submission-id={job_id}",
               f"--runtime-env-json={json.dumps(runtime_env)}", "--",
-              sys.executable, "-m", "pluristeer.cli", "train", "--address", "auto", *train_args]  # fmt: skip
+              sys.executable, "-m", cli, "train", "--address", "auto", *train_args]  # fmt: skip
     proc = subprocess.run(submit, capture_output=True, text=True, timeout=600, env=head.env)
     status = subprocess.run(
         [_ray(), "job", "status", f"--address={head.dashboard}", job_id],

@@ -1,14 +1,18 @@
-"""What every cluster check shares: the version pins, the image policy, error reporting."""
+"""What every cluster check shares: the version pins, the image policy, the external tools, error reporting."""
 
 from __future__ import annotations
 
+import importlib
 import re
+import shutil
+import sys
 import tomllib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import typer
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,17 +27,21 @@ class ClusterConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Pins:
-    """The versions everything must agree on: package, Ray, torch, Python."""
+    """What everything must agree on: package version, Ray, torch, Python, the packages ``pip install .``
+    installs, and the console script (its name and the ``module:attribute`` of its Typer app)."""
 
     version: str
     ray: str
     torch: str
     python: str
+    packages: tuple[str, ...]  # from [tool.setuptools.packages.find] include
+    script: tuple[str, str]  # the one entry of [project.scripts]
 
 
 def project_pins(repo: Path = REPO) -> Pins:
     """Read the pins from ``pyproject.toml`` and ``requirements.lock``."""
-    project = tomllib.loads((repo / "pyproject.toml").read_text())["project"]
+    pyproject = tomllib.loads((repo / "pyproject.toml").read_text())
+    project = pyproject["project"]
     lock = {}
     for line in (repo / "requirements.lock").read_text().splitlines():
         name, sep, version = line.strip().partition("==")
@@ -42,7 +50,29 @@ def project_pins(repo: Path = REPO) -> Pins:
     python = re.search(r">=\s*(\d+\.\d+)", project["requires-python"])
     if python is None:
         raise ClusterConfigError(f"pyproject.toml: requires-python {project['requires-python']!r} has no lower bound")
-    return Pins(version=project["version"], ray=lock["ray"], torch=lock["torch"], python=python.group(1))
+    find = pyproject.get("tool", {}).get("setuptools", {}).get("packages", {}).get("find", {})
+    packages = tuple(p.rstrip("*") for p in find.get("include", []) if "." not in p.rstrip("*"))
+    scripts = list(project.get("scripts", {}).items())
+    if len(scripts) != 1:
+        raise ClusterConfigError(f"pyproject.toml: [project.scripts] must name one console script, got {scripts}")
+    return Pins(project["version"], lock["ray"], lock["torch"], python.group(1), packages, scripts[0])
+
+
+def cli_commands(pins: Pins) -> dict[str, set[str]]:
+    """The commands of the console script's Typer app and the options each one takes."""
+    module, _, attribute = pins.script[1].partition(":")
+    group = typer.main.get_command(getattr(importlib.import_module(module), attribute))
+    commands = getattr(group, "commands", {})
+    return {name: {opt for p in cmd.params for opt in p.opts} for name, cmd in commands.items()}
+
+
+def tool(name: str, package: str) -> str:
+    """The path of the command-line tool ``name`` (the venv's first), or an error saying what to install."""
+    beside = Path(sys.executable).parent / name
+    found = str(beside) if beside.exists() else shutil.which(name)
+    if found is None:
+        raise ClusterConfigError(f"{name} not found: pip install {package} (a dev dependency in pyproject.toml)")
+    return found
 
 
 def raise_problems(problems: list[str]) -> None:
@@ -55,6 +85,11 @@ def json_path(parts: Iterable[Any]) -> str:
     for part in parts:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out or "(top level)"
+
+
+def pinned(image: str) -> bool:
+    """Tagged with something other than ``latest`` (or pinned by digest)."""
+    return "@sha256:" in image or (":" in image.rsplit("/", 1)[-1] and not image.endswith(":latest"))
 
 
 def image_problems(image: Any, where: str, pins: Pins, variants: tuple[str, ...] = ("cpu", "cuda")) -> list[str]:

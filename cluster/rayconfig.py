@@ -1,10 +1,17 @@
-"""``ray_config.yaml``: Ray's own cluster-launcher checks, then our instance, image and install rules."""
+"""``ray_config.yaml``: Ray's own cluster-launcher checks, then our instance, image and install rules.
+
+Ray's ``validate_config`` is what ``ray up`` runs: ``ray-schema.json`` (the file check-jsonschema would be
+given) plus the node-type bounds, on the config with Ray's defaults filled in; so no second schema run.
+"""
 
 from __future__ import annotations
 
 import copy
 from pathlib import Path
 from typing import Any
+
+import jsonschema
+from ray.autoscaler._private.util import prepare_config, validate_config
 
 from cluster.pins import (
     REPO,
@@ -36,9 +43,6 @@ AWS_INSTANCES: dict[str, tuple[int, int]] = {
 
 def validate_ray_config(source: Path | dict[str, Any] = REPO / "ray_config.yaml", pins: Pins | None = None) -> dict:
     """Check a Ray cluster launcher config; return it as ``ray up`` prepares it (defaults filled in)."""
-    import jsonschema
-    from ray.autoscaler._private.util import prepare_config, validate_config
-
     name = source.name if isinstance(source, Path) else "ray config"
     config = load_yaml(source) if isinstance(source, Path) else source
     pins = pins or project_pins()

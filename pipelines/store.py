@@ -456,9 +456,4 @@ class ActivationStore:
         return total / max(len(self), 1)
 
 
-def estimated_bytes(n_tokens: int, d_model: int, n_layers: int, dtype: str) -> int:
-    """Uncompressed bytes of ``n_tokens`` rows (for sizing)."""
-    return n_tokens * d_model * n_layers * np.dtype(STORE_DTYPES[dtype]).itemsize + n_tokens * 14
-
-
 __all__ = ["ActivationStore", "Manifest", "RunningStats", "ShardInfo", "StoreError", "StoreWriter"]

@@ -43,10 +43,15 @@ from sae.evaluate import ce_loss_recovered, reconstruction_metrics
 from sae.hooks import residuals
 from sae.lm import EMBEDDED, load_lm
 from sae.perf import flops_per_token, matmul_peak_flops
-from sae.train import Normalizer, SAESpec, SAETrainer, TrainerConfig, low_precision_dtype, unwrap_model
+from sae.train import (
+    Normalizer,
+    SAESpec,
+    SAETrainer,
+    TrainerConfig,
+    low_precision_dtype,
+    read_checkpoint,
+)
 
-MODEL_FILE = "model.pt"
-TRAINER_FILE = "trainer.pt"
 DEEPSPEED_TAG = "deepspeed"
 TRAINING_FILE = "training.json"
 
@@ -276,18 +281,14 @@ def deepspeed_config(cfg: TrainConfig, local_batch: int) -> dict[str, Any]:
 
 
 def _save_checkpoint(trainer: SAETrainer, engine: Any, directory: Path, rank: int) -> bool:
-    """Write this rank's part of a checkpoint into ``directory``; True if it wrote anything."""
-    if engine is not None and hasattr(engine, "save_checkpoint"):  # DeepSpeed: every rank writes its shard
+    """Write this rank's part of a checkpoint into ``directory``; True if it wrote anything. Rank 0 writes
+    :meth:`SAETrainer.save`'s format; under DeepSpeed every rank also writes its shard (the optimiser's)."""
+    deepspeed = engine is not None and hasattr(engine, "save_checkpoint")
+    if deepspeed:
         engine.save_checkpoint(str(directory), tag=DEEPSPEED_TAG, client_state={"trainer": trainer.trainer_state()})
-        if rank == 0:
-            torch.save(unwrap_model(trainer.model).state_dict(), directory / MODEL_FILE)
-            torch.save(trainer.trainer_state(), directory / TRAINER_FILE)
-        return True
-    if rank != 0:
-        return False
-    torch.save(unwrap_model(trainer.model).state_dict(), directory / MODEL_FILE)
-    torch.save({**trainer.trainer_state(), "optimizer": trainer.optimizer.state_dict()}, directory / TRAINER_FILE)
-    return True
+    if rank == 0:
+        trainer.save(directory, optimizer=not deepspeed)
+    return deepspeed or rank == 0
 
 
 def _load_checkpoint(trainer: SAETrainer, engine: Any, directory: Path) -> None:
@@ -297,13 +298,10 @@ def _load_checkpoint(trainer: SAETrainer, engine: Any, directory: Path) -> None:
             raise StoreError(f"{directory} holds no DeepSpeed checkpoint (was the run started without deepspeed?)")
         trainer.load_trainer_state(client["trainer"])
         return
-    state = torch.load(directory / TRAINER_FILE, map_location=trainer.device, weights_only=True)
-    if "optimizer" not in state:
+    model_state, state = read_checkpoint(directory, trainer.device)
+    if "optimizer" not in state:  # DeepSpeed keeps it in its own shards
         raise StoreError(f"{directory} holds a DeepSpeed checkpoint: resume it with deepspeed=true")
-    model_state = torch.load(directory / MODEL_FILE, map_location=trainer.device, weights_only=True)
-    unwrap_model(trainer.model).load_state_dict(model_state)
-    trainer.optimizer.load_state_dict(state.pop("optimizer"))
-    trainer.load_trainer_state(state)
+    trainer.restore(model_state, state)
 
 
 def train_worker(loop_config: dict[str, Any]) -> None:
@@ -434,8 +432,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     if result.checkpoint is None:
         raise RuntimeError(f"training finished without a checkpoint (error: {result.error})")
     with result.checkpoint.as_directory() as directory:
-        model_state = torch.load(Path(directory) / MODEL_FILE, map_location="cpu", weights_only=True)
-        trainer_state = torch.load(Path(directory) / TRAINER_FILE, map_location="cpu", weights_only=True)
+        model_state, trainer_state = read_checkpoint(Path(directory))
     final = dict(result.metrics or {})
     sae_dirs, metrics = export_saes(TrainConfig.from_dict(cfg_dict), store, layer, model_state, trainer_state, final)
     return TrainResult(
@@ -467,8 +464,7 @@ def export_saes(
     and evaluate them; returns their paths and metrics by name."""
     tcfg = cfg.trainer_config(len(store))
     trainer = SAETrainer(cfg.specs(), store.d_model, tcfg, normalizer=Normalizer.from_dict(trainer_state["normalizer"]))
-    unwrap_model(trainer.model).load_state_dict(model_state)
-    trainer.load_trainer_state(trainer_state)
+    trainer.restore(model_state, {k: v for k, v in trainer_state.items() if k != "optimizer"})
     manifest = store.manifest
     metadata = {
         "model_name": manifest.model,

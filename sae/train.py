@@ -15,8 +15,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -27,6 +27,8 @@ from sae.kernels import SparsePlan, sparse_decode, topk_encode
 from sae.model import ARCHITECTURES, Architecture, SAEConfig, SparseAutoencoder
 
 Precision = Literal["auto", "fp32", "bf16"]
+MODEL_FILE = "model.pt"  # a checkpoint's SAE weights (SAETrainer.save)
+TRAINER_FILE = "trainer.pt"  # its trainer state, and the optimiser's unless DeepSpeed saves that
 SPARSE_ARCHITECTURES = ("topk", "batchtopk")
 
 
@@ -519,65 +521,45 @@ class SAETrainer:
             self.since_fired[name] = counter.to(self.device)
         self.normalizer = Normalizer.from_dict(state["normalizer"])
 
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "model": unwrap_model(self.model).state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "trainer": self.trainer_state(),
-        }
+    def save(self, directory: Path, *, optimizer: bool = True) -> None:
+        """Write the one checkpoint format: ``model.pt`` (the SAEs' weights) and ``trainer.pt``
+        (:meth:`trainer_state`, with the optimiser's state under ``"optimizer"`` unless ``optimizer=False``:
+        DeepSpeed saves its own). :func:`read_checkpoint` and :meth:`restore` read it back."""
+        torch.save(unwrap_model(self.model).state_dict(), directory / MODEL_FILE)
+        state = self.trainer_state()
+        if optimizer:
+            state["optimizer"] = self.optimizer.state_dict()
+        torch.save(state, directory / TRAINER_FILE)
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        unwrap_model(self.model).load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.load_trainer_state(state["trainer"])
+    def restore(self, model_state: dict[str, Any], trainer_state: dict[str, Any]) -> None:
+        """Continue from a checkpoint (:func:`read_checkpoint`): weights, trainer state, and the optimiser's
+        state when the checkpoint holds it (a DeepSpeed engine restores its own)."""
+        unwrap_model(self.model).load_state_dict(model_state)
+        if "optimizer" in trainer_state:
+            self.optimizer.load_state_dict(trainer_state["optimizer"])
+        self.load_trainer_state(trainer_state)
 
     def export(self, metadata: dict[str, Any] | None = None) -> dict[str, SparseAutoencoder]:
         """The trained SAEs on raw activations (normalisation folded in), by name."""
         return {name: sae.to_inference(self.normalizer, metadata) for name, sae in self.saes.items()}
 
 
-@dataclass
-class RunSummary:
-    """What :func:`fit` returns: steps, tokens, last metrics."""
-
-    steps: int
-    tokens: int
-    metrics: dict[str, float] = field(default_factory=dict)
-
-
-def fit(
-    trainer: SAETrainer,
-    batches: Iterable[Tensor],
-    *,
-    log_every: int = 0,
-    log: Callable[[dict[str, float]], object] = print,
-) -> RunSummary:
-    """Run ``trainer`` over an iterable of raw batches until ``config.total_steps``; a minimal loop for
-    notebooks and tests (the Ray Train loop in ``pipelines.train`` adds checkpoints and logging)."""
-    metrics: dict[str, float] = {}
-    for batch in batches:
-        if trainer.step >= trainer.config.total_steps:
-            break
-        outs = trainer.train_step(batch)
-        if log_every and trainer.step % log_every == 0:
-            metrics = trainer.metrics(outs)
-            log({"step": trainer.step, **metrics})
-        elif trainer.step >= trainer.config.total_steps:
-            metrics = trainer.metrics(outs)
-    return RunSummary(steps=trainer.step, tokens=trainer.tokens, metrics=metrics)
+def read_checkpoint(directory: Path, device: str | torch.device = "cpu") -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(model state, trainer state)`` of a checkpoint that :meth:`SAETrainer.save` wrote."""
+    model_state = torch.load(directory / MODEL_FILE, map_location=device, weights_only=True)
+    return model_state, torch.load(directory / TRAINER_FILE, map_location=device, weights_only=True)
 
 
 __all__ = [
     "Normalizer",
-    "RunSummary",
     "SAEBundle",
     "SAESpec",
     "SAETrainer",
     "StepOutput",
     "TrainerConfig",
     "TrainingSAE",
-    "fit",
     "low_precision_dtype",
     "lr_factor",
+    "read_checkpoint",
     "unwrap_model",
 ]

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-import io
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -8,7 +8,7 @@ import torch
 
 from pipelines.store import ActivationStore
 from sae.model import SparseAutoencoder
-from sae.train import Normalizer, SAESpec, SAETrainer, TrainerConfig, TrainingSAE, fit, lr_factor
+from sae.train import Normalizer, SAESpec, SAETrainer, TrainerConfig, TrainingSAE, lr_factor, read_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -18,6 +18,18 @@ def _batches(store: ActivationStore, batch_size: int, seed: int = 0):
     while True:
         yield from store.iter_batches(3, batch_size, shuffle_window=2048, seed=seed, epoch=epoch)
         epoch += 1
+
+
+def _train(
+    trainer: SAETrainer, batches: Iterator[torch.Tensor], log: Callable[[dict[str, float]], object] | None = None
+) -> dict[str, float]:
+    """Step ``trainer`` to ``config.total_steps`` as ``pipelines.train``'s worker loop does; the last metrics."""
+    metrics: dict[str, float] = {}
+    while trainer.step < trainer.config.total_steps:
+        metrics = trainer.metrics(trainer.train_step(next(batches)))
+        if log is not None:
+            log(metrics)
+    return metrics
 
 
 def _trainer(store: ActivationStore, specs: list[SAESpec], steps: int, **kw) -> SAETrainer:
@@ -32,10 +44,10 @@ def test_loss_decreases_on_a_small_store(tiny_store: Path, arch: str) -> None:
     batches = _batches(store, 256)
     name = next(iter(trainer.specs))
     first = float(trainer.train_step(next(batches))[name].loss.detach())
-    summary = fit(trainer, batches)
-    assert summary.steps == 60
-    assert summary.metrics[f"{name}/loss"] < 0.8 * first
-    assert summary.metrics[f"{name}/l0"] > 0
+    metrics = _train(trainer, batches)
+    assert trainer.step == 60
+    assert metrics[f"{name}/loss"] < 0.8 * first
+    assert metrics[f"{name}/l0"] > 0
 
 
 def _assert_same_sae(a: SparseAutoencoder, b: SparseAutoencoder, x: torch.Tensor) -> None:
@@ -69,7 +81,7 @@ def test_trained_saes_round_trip_through_sae_lens(tiny_store: Path, tmp_path: Pa
 
     store = ActivationStore(tiny_store)
     trainer = _trainer(store, [SAESpec(expansion=4, k=4, architecture=arch, lr=3e-3)], 10)  # type: ignore[arg-type]
-    fit(trainer, _batches(store, 256))
+    _train(trainer, _batches(store, 256))
     ours = next(iter(trainer.export({"hook_name": "blocks.3.hook_resid_post"}).values()))
     ours.save(tmp_path)
     x = store.read(3, limit=64)
@@ -83,7 +95,7 @@ def test_trained_saes_round_trip_through_sae_lens(tiny_store: Path, tmp_path: Pa
     _assert_same_sae(SparseAutoencoder.load(tmp_path / "resaved"), ours, x)
 
 
-def test_checkpoint_and_resume_match_an_uninterrupted_run(tiny_store: Path) -> None:
+def test_checkpoint_and_resume_match_an_uninterrupted_run(tiny_store: Path, tmp_path: Path) -> None:
     store = ActivationStore(tiny_store)
     specs = [SAESpec(expansion=4, k=4, lr=3e-3), SAESpec(expansion=8, k=4, architecture="batchtopk", lr=3e-3)]
     steps = 24
@@ -93,37 +105,49 @@ def test_checkpoint_and_resume_match_an_uninterrupted_run(tiny_store: Path) -> N
 
     full = make()
     logged: list[dict[str, float]] = []
-    fit(full, _batches(store, 256), log_every=1, log=logged.append)
+    _train(full, _batches(store, 256), log=logged.append)
     assert any(m["topk-4x-k4/auxk"] > 0 for m in logged)  # dead latents appeared and AuxK trained them
 
     first = make()
     batches = _batches(store, 256)
     for _ in range(steps // 2):
         first.train_step(next(batches))
-    buffer = io.BytesIO()
-    torch.save(first.state_dict(), buffer)
-    buffer.seek(0)
+    first.save(tmp_path)  # the format pipelines.train checkpoints in
+    assert "optimizer" in read_checkpoint(tmp_path)[1]
     resumed = make()
-    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    resumed.restore(*read_checkpoint(tmp_path))
     stream = _batches(store, 256)
     for _ in range(resumed.step):  # the data stream picks up where the checkpoint left it
         next(stream)
-    summary = fit(resumed, stream)
-    assert summary.steps == steps and resumed.tokens == full.tokens
+    _train(resumed, stream)
+    assert resumed.step == steps and resumed.tokens == full.tokens
     for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     for name in full.since_fired:
         assert torch.equal(full.since_fired[name], resumed.since_fired[name])
 
 
+def test_a_checkpoint_without_optimizer_state_restores_the_rest(tmp_path: Path) -> None:
+    trainer = SAETrainer([SAESpec(expansion=2, k=2, lr=1e-2)], 8, TrainerConfig(batch_size=16, total_tokens=64))
+    trainer.train_step(torch.randn(16, 8))
+    trainer.save(tmp_path, optimizer=False)  # as under DeepSpeed, whose engine saves the optimiser
+    model_state, state = read_checkpoint(tmp_path)
+    assert "optimizer" not in state and state["step"] == 1
+    other = SAETrainer([SAESpec(expansion=2, k=2, lr=1e-2)], 8, TrainerConfig(batch_size=16, total_tokens=64, seed=1))
+    other.restore(model_state, state)
+    assert other.step == 1 and other.tokens == 16 and not other.optimizer.state  # the optimiser is left alone
+    for key, value in trainer.model.state_dict().items():
+        assert torch.equal(other.model.state_dict()[key], value), key
+
+
 def test_saes_trained_together_equal_saes_trained_alone(tiny_store: Path) -> None:
     store = ActivationStore(tiny_store)
     a, b = SAESpec(expansion=4, k=4, lr=2e-3), SAESpec(expansion=8, k=8, lr=1e-3)
     together = _trainer(store, [a, b], 8)
-    fit(together, _batches(store, 256))
+    _train(together, _batches(store, 256))
     alone = _trainer(store, [b], 8, seed=0)
     alone.model.saes["topk-8x-k8"].load_state_dict(_trainer(store, [a, b], 8).model.saes["topk-8x-k8"].state_dict())
-    fit(alone, _batches(store, 256))
+    _train(alone, _batches(store, 256))
     for key, value in alone.model.saes["topk-8x-k8"].state_dict().items():
         torch.testing.assert_close(together.model.saes["topk-8x-k8"].state_dict()[key], value)
 
