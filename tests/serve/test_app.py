@@ -182,7 +182,7 @@ def test_distribution_per_perspective_and_combined(app, embedded, embedded_sae) 
     assert r.status_code == 200, r.text
     body = r.json()
     batch = tok([prompt], return_tensors="pt", add_special_tokens=False)
-    from pipelines.prompts import label_token_ids, option_probs
+    from sae.readout import label_token_ids, option_probs
 
     ids = label_token_ids(tok, letters)
     combined = plural_next_token(model, batch["input_ids"], batch["attention_mask"], app.vectors, app.perspectives,
