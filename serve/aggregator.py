@@ -1,12 +1,12 @@
-"""``PluralAggregator``, the ingress (DESIGN §4): the OpenAI-style HTTP API over FastAPI, and pluralistic decoding
-driven step by step over the model deployments.
+"""``PluralAggregator``, the ingress (DESIGN §4): the OpenAI-style HTTP API over FastAPI — thin routes.
 
-Every decoding step fans out to the K ``PerspectiveModel`` deployments (and ``BaseModel`` where the mode
-needs the unsteered logits) concurrently — or makes one call to ``FusedPlural`` — combines the logits and
-picks the next token (:mod:`serve.generation`). Calls carry the session id, so each replica keeps the
-session's KV cache and Serve routes the session's next step back to it (:mod:`serve.routing`). A call
-that fails because its replica died is retried until the request's deadline; the replica that answers
-(another one, or the restarted one) replays the prefix, so the request completes.
+The work is in three places, as vLLM splits its OpenAI server:
+
+- these routes: authentication, limits and metrics middleware, request validation (perspectives, token
+  limits, prompt encoding; a :class:`serve.errors.ApiError` names the field), then one call into
+- :class:`serve.fanout.Fanout`, the fan-out client: pluralistic decoding driven step by step over the model
+  deployments (concurrent calls, deadlines, retries of a lost replica, session release), and
+- :mod:`serve.openai`, pure functions that shape the results into OpenAI's bodies and SSE events.
 
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream: true`` as server-sent events),
 ``POST /v1/distribution``, ``GET /v1/perspectives``, ``GET /v1/models``, ``GET /metrics``,
@@ -14,18 +14,15 @@ Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream: tr
 """
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Annotated, Any
 
-import numpy as np
-import ray
 import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -38,14 +35,16 @@ from common.registry import RegistryClient
 from sae.decoding import Decoding
 from sae.lm import load_tokenizer, resolve_model
 from sae.readout import ReadoutError, label_token_ids, option_probs
+from serve import openai
 from serve.auth import KeyRing
-from serve.config import AGGREGATOR, BASE, FUSED, ServeConfig, perspective_deployment
-from serve.generation import GenParams, StepLogits, TextStream, TokenEvent, combined_scores, plural_decode
+from serve.config import AGGREGATOR, ServeConfig, perspective_deployment
+from serve.errors import ApiError
+from serve.fanout import Fanout
+from serve.generation import GenParams, TextStream, combined_scores
 from serve.metrics import Metrics
 from serve.schemas import ChatMessage, ChatRequest, CompletionRequest, DecodingParams, DistributionRequest
 
 log = logging.getLogger("ray.serve")
-RETRYABLE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 ENDPOINTS = (
     "/v1/completions", "/v1/chat/completions", "/v1/distribution", "/v1/perspectives", "/v1/models", "/metrics",
     "/healthz", "/openapi.json",
@@ -70,14 +69,8 @@ api = FastAPI(
 )
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, *, param: str | None = None, kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.kind = status, message, param, kind
-
-
 def _error(status: int, message: str, kind: str, param: str | None = None, **headers: str) -> JSONResponse:
-    body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
+    body = openai.error_body(status, message, kind, param)
     return SafeJSONResponse(body, status_code=status, headers=headers or None)
 
 
@@ -89,13 +82,8 @@ async def _api_error(_request: Request, err: ApiError) -> JSONResponse:
 
 @api.exception_handler(RequestValidationError)
 async def _invalid(_request: Request, err: RequestValidationError) -> JSONResponse:
-    problems = []
-    for e in err.errors()[:8]:
-        where = ".".join(str(x) for x in e.get("loc", ())[1:]) or "body"
-        problems.append(f"{where}: {e.get('msg', 'invalid')}")
-    first = err.errors()[0].get("loc", ()) if err.errors() else ()
-    param = ".".join(str(x) for x in first[1:]) or None
-    return _error(422, "; ".join(problems) or "invalid request body", "invalid_request_error", param)
+    message, param = openai.validation_error(err.errors())
+    return _error(422, message, "invalid_request_error", param)
 
 
 @api.exception_handler(StarletteHTTPException)
@@ -147,24 +135,6 @@ async def require_key(
 Auth = [Depends(require_key)]
 
 
-async def _wait(response: Any) -> Any:
-    return await response
-
-
-async def _quiet(response: Any) -> None:
-    with contextlib.suppress(Exception):  # releasing is best effort: the TTL drops what is left
-        await response
-
-
-@dataclass
-class Generated:
-    ids: list[int]
-    text: str
-    finish_reason: str
-    events: list[TokenEvent] = field(default_factory=list)
-    info: dict[str, Any] = field(default_factory=dict)
-
-
 @serve.deployment(name=AGGREGATOR)
 @serve.ingress(api)
 class PluralAggregator:
@@ -191,12 +161,14 @@ class PluralAggregator:
         self.max_positions = int(getattr(AutoConfig.from_pretrained(source.path), "max_position_embeddings", 1 << 20))
         self.eos = self.tokenizer.eos_token_id
         self.perspectives = list(perspectives)
-        self.replicas = {p: replicas[p] for p in self.perspectives} if replicas else {}
-        self.base, self.fused = base, fused
-        self.backends = [b for b, ok in (("replicas", base is not None), ("fused", fused is not None)) if ok]
+        self.fanout = Fanout(
+            {p: replicas[p] for p in self.perspectives} if replicas else {}, base, fused,
+            step_timeout_s=self.cfg.step_timeout_s, request_timeout_s=self.cfg.request_timeout_s,
+            metrics=self.metrics,
+        )  # fmt: skip
+        self.backends = self.fanout.backends
         self.default_backend = "fused" if self.cfg.backend == "fused" else "replicas"
         self._client: Any = None
-        self._tasks: set[asyncio.Task] = set()
 
     # -- validation ----------------------------------------------------------------------------------------
     def _resolve(
@@ -268,120 +240,6 @@ class PluralAggregator:
             raise ApiError(422, f"messages: the chat template refused them ({err})", param="messages") from None
         return self._tokens(text, "messages", False)
 
-    # -- calls to the model deployments ------------------------------------------------------------------
-    async def _call(self, handle: Any, method: str, name: str, deadline: float, *args: Any, **kwargs: Any) -> Any:
-        """One call, retried while its replica is lost (until ``deadline``)."""
-        attempt = 0
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise ApiError(504, f"timed out waiting for {name}", kind="timeout_error")
-            started = time.perf_counter()
-            response = getattr(handle, method).remote(*args, **kwargs)
-            try:
-                result = await asyncio.wait_for(_wait(response), min(self.cfg.step_timeout_s, left))
-            except RETRYABLE as err:
-                outcome, why = "retry", type(err).__name__
-            except TimeoutError:
-                response.cancel()
-                outcome, why = "timeout", "no answer"
-            except ray.exceptions.RayTaskError as err:
-                self.metrics.calls.labels(name, "error").inc()
-                cause = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-                raise ApiError(502, f"{name} failed: {cause}", kind="upstream_error") from None
-            else:
-                self.metrics.calls.labels(name, "ok").inc()
-                self.metrics.call_seconds.labels(name).observe(time.perf_counter() - started)
-                return result
-            self.metrics.calls.labels(name, outcome).inc()
-            attempt += 1
-            log.warning("%s.%s: %s (attempt %d); retrying", name, method, why, attempt)
-            await asyncio.sleep(min(0.05 * 2**attempt, 1.0))
-
-    async def _logits(
-        self,
-        backend: str,
-        ids: list[int],
-        perspectives: list[str],
-        needs_base: bool,
-        session: str | None,
-        deadline: float,
-        first: bool,
-    ) -> StepLogits:
-        k = len(perspectives)
-        if backend == "fused":
-            rows: list[str | None] = [*perspectives, *([None] if needs_base else [])]
-            r = await self._call(self.fused, "step_rows", FUSED, deadline, ids, rows, session=session)
-            logits = torch.from_numpy(r["logits"].copy())  # Ray hands back read-only arrays
-            results = [
-                (FUSED, {"ran": ran, "hit": hit, "version": r["version"]})
-                for ran, hit in zip(r["ran"], r["hit"], strict=True)
-            ]
-            steered, base = (logits[:k] if k else None), (logits[k] if needs_base else None)
-        else:
-            targets = [(self.replicas[p], perspective_deployment(p)) for p in perspectives]
-            targets += [(self.base, BASE)] if needs_base else []
-            answers = await asyncio.gather(
-                *(self._call(h, "step", name, deadline, ids, session=session) for h, name in targets)
-            )
-            results = [(name, a) for (_, name), a in zip(targets, answers, strict=True)]
-            steered = torch.from_numpy(np.stack([a["logits"] for a in answers[:k]])) if k else None
-            base = torch.from_numpy(answers[k]["logits"].copy()) if needs_base else None
-        replays = 0
-        for name, r in results:
-            self.metrics.deployment_tokens.labels(name).inc(r["ran"])
-            if not first and not r["hit"]:
-                replays += 1
-                self.metrics.replays.labels(name).inc()
-        versions = {p: results[i][1]["version"] for i, p in enumerate(perspectives)}
-        return StepLogits(steered, base, {"replays": replays, "versions": versions})
-
-    def _release(self, session: str, backend: str, perspectives: list[str], needs_base: bool) -> None:
-        handles = [self.fused] if backend == "fused" else [self.replicas[p] for p in perspectives]
-        if backend != "fused" and needs_base:
-            handles.append(self.base)
-        for h in handles:
-            task = asyncio.get_running_loop().create_task(_quiet(h.release.remote(session=session)))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    # -- generation ------------------------------------------------------------------------------------------
-    async def _decode(self, params: GenParams, backend: str) -> AsyncIterator[TokenEvent]:
-        session = uuid.uuid4().hex
-        deadline = time.monotonic() + self.cfg.request_timeout_s
-        started = time.perf_counter()
-
-        async def step_fn(ids: list[int], first: bool) -> StepLogits:
-            return await self._logits(backend, ids, params.perspectives, params.needs_base, session, deadline, first)
-
-        try:
-            async with aclosing(plural_decode(step_fn, params)) as events:
-                async for event in events:
-                    self.metrics.tokens.labels("completion", backend).inc()
-                    yield event
-        finally:
-            self._release(session, backend, params.perspectives, params.needs_base)
-            self.metrics.generation_seconds.labels(backend).observe(time.perf_counter() - started)
-
-    async def _generate(self, params: GenParams, backend: str, stops: list[str]) -> Generated:
-        stream = TextStream(self.tokenizer, stops)
-        events: list[TokenEvent] = []
-        finish = "length"
-        replays, versions = 0, {}
-        self.metrics.tokens.labels("prompt", backend).inc(len(params.ids))
-        async with aclosing(self._decode(params, backend)) as gen:
-            async for event in gen:
-                events.append(event)
-                stream.add(event.token)
-                replays += event.info.get("replays", 0)
-                versions = event.info.get("versions", versions)
-                if stream.stopped:
-                    finish = "stop"
-                    break
-                finish = event.finish_reason or finish
-        info = {"replays": replays, "vector_versions": versions}
-        return Generated(params.ids, stream.text, finish, events, info)
-
     def _params(
         self, ids: list[int], perspectives: list[str], decoding: Decoding, max_tokens: int, body: Any, top_n: int
     ):
@@ -391,44 +249,11 @@ class PluralAggregator:
             ignore_eos=body.ignore_eos, top_n=top_n,
         )  # fmt: skip
 
-    # -- response pieces ---------------------------------------------------------------------------------------
     def _piece(self, token: int) -> str:
         return self.tokenizer.decode([token])
 
-    def _distributions(self, events: list[TokenEvent]) -> list[dict[str, Any]]:
-        def top(pairs: list[tuple[int, float]]) -> list[dict[str, Any]]:
-            return [{"token": self._piece(t), "id": t, "logprob": lp} for t, lp in pairs]
-
-        return [
-            {
-                "token": self._piece(e.token),
-                "id": e.token,
-                "logprob": e.logprob,
-                "combined": top(e.top),
-                "perspectives": {p: top(v) for p, v in e.per_perspective.items()},
-                **({"weights": e.weights} if e.weights is not None else {}),
-            }
-            for e in events
-        ]
-
-    def _extension(self, perspectives: list[str], decoding: Decoding, backend: str, runs: list[Generated]):
-        versions: dict[str, Any] = {}
-        for r in runs:
-            versions.update(r.info.get("vector_versions", {}))
-        return {
-            "perspectives": perspectives,
-            "decoding": asdict(decoding),
-            "backend": backend,
-            "vectors": self.cfg.vectors,
-            "vector_versions": versions,
-            "replays": sum(r.info.get("replays", 0) for r in runs),
-        }
-
-    @staticmethod
-    def _usage(runs: list[Generated]) -> dict[str, int]:
-        prompt = sum(len(r.ids) for r in runs)
-        completion = sum(len(r.events) for r in runs)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    def _extension(self, perspectives: list[str], decoding: Decoding, backend: str, runs: list[Any]):
+        return openai.extension(perspectives, decoding, backend, self.cfg.vectors, runs)
 
     # -- endpoints -----------------------------------------------------------------------------------------------
     @api.get("/healthz")
@@ -473,19 +298,9 @@ class PluralAggregator:
     @api.get("/metrics", dependencies=Auth)
     async def metrics_text(self) -> Response:
         """Prometheus text format; model replicas' memory is refreshed on each scrape."""
-        targets = [(perspective_deployment(p), h) for p, h in self.replicas.items()]
-        targets += [(BASE, self.base)] if self.base is not None else []
-        targets += [(FUSED, self.fused)] if self.fused is not None else []
-
-        async def one(name: str, handle: Any) -> None:
-            try:
-                s = await asyncio.wait_for(_wait(handle.stats.remote()), 5.0)
-            except Exception:  # a replica that is down does not fail the scrape
-                return
-            self.metrics.replica_rss.labels(name, str(s["pid"])).set(s["rss_bytes"])
-            self.metrics.replica_sessions.labels(name, str(s["pid"])).set(s["sessions"])
-
-        await asyncio.gather(*(one(n, h) for n, h in targets))
+        for name, st in await self.fanout.stats():
+            self.metrics.replica_rss.labels(name, str(st["pid"])).set(st["rss_bytes"])
+            self.metrics.replica_sessions.labels(name, str(st["pid"])).set(st["sessions"])
         return Response(self.metrics.render(), media_type=self.metrics.content_type)
 
     @api.post("/v1/completions", dependencies=Auth)
@@ -506,36 +321,10 @@ class PluralAggregator:
         if body.stream:
             head = {"id": rid, "object": "text_completion", "created": created, "model": model}
             return self._sse(params[0], backend, body, head, chat=False)
-        runs = await asyncio.gather(*(self._generate(p, backend, body.stops) for p in params))
-        choices = []
-        for i, run in enumerate(runs):
-            choice: dict[str, Any] = {
-                "index": i,
-                "text": run.text,
-                "logprobs": None,
-                "finish_reason": run.finish_reason,
-            }
-            if body.logprobs is not None:
-                choice["logprobs"] = self._completion_logprobs(run)
-                choice["distributions"] = self._distributions(run.events)
-            choices.append(choice)
-        return {
-            "id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices,
-            "usage": self._usage(runs), "pluristeer": self._extension(perspectives, decoding, backend, runs),
-        }  # fmt: skip
-
-    def _completion_logprobs(self, run: Generated) -> dict[str, Any]:
-        tokens = [self._piece(e.token) for e in run.events]
-        offsets, at = [], 0
-        for t in tokens:
-            offsets.append(at)
-            at += len(t)
-        return {
-            "tokens": tokens,
-            "token_logprobs": [e.logprob for e in run.events],
-            "top_logprobs": [{self._piece(t): lp for t, lp in e.top} for e in run.events],
-            "text_offset": offsets,
-        }
+        runs = await asyncio.gather(*(self.fanout.generate(p, backend, self.tokenizer, body.stops) for p in params))
+        head = {"id": rid, "object": "text_completion", "created": created, "model": model}
+        ext = self._extension(perspectives, decoding, backend, runs)
+        return openai.completion_body(head, runs, body.logprobs, self._piece, ext)
 
     @api.post("/v1/chat/completions", dependencies=Auth)
     async def chat_completions(self, body: ChatRequest) -> Any:
@@ -549,41 +338,17 @@ class PluralAggregator:
         if body.stream:
             head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
             return self._sse(params, backend, body, head, chat=True)
-        run = await self._generate(params, backend, body.stops)
-        choice: dict[str, Any] = {
-            "index": 0,
-            "message": {"role": "assistant", "content": run.text},
-            "logprobs": None,
-            "finish_reason": run.finish_reason,
-        }
-        if body.logprobs:
-            choice["logprobs"] = {"content": [self._chat_logprob(e, body.top_logprobs or 0) for e in run.events]}
-            choice["distributions"] = self._distributions(run.events)
-        return {
-            "id": rid, "object": "chat.completion", "created": created, "model": model, "choices": [choice],
-            "usage": self._usage([run]), "pluristeer": self._extension(perspectives, decoding, backend, [run]),
-        }  # fmt: skip
-
-    def _chat_logprob(self, e: TokenEvent, n: int) -> dict[str, Any]:
-        def item(t: int, lp: float) -> dict[str, Any]:
-            piece = self._piece(t)
-            return {"token": piece, "logprob": lp, "bytes": list(piece.encode())}
-
-        return {**item(e.token, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top[:n]]}
+        run = await self.fanout.generate(params, backend, self.tokenizer, body.stops)
+        head = {"id": rid, "object": "chat.completion", "created": created, "model": model}
+        ext = self._extension(perspectives, decoding, backend, [run])
+        return openai.chat_body(head, run, bool(body.logprobs), body.top_logprobs or 0, self._piece, ext)
 
     def _sse(self, params: GenParams, backend: str, body: Any, head: dict[str, Any], *, chat: bool):
         stops = body.stops
         usage = body.stream_options is not None and body.stream_options.include_usage
 
         def chunk(delta: str | None, finish: str | None, first: bool = False) -> str:
-            if chat:
-                d: dict[str, Any] = {} if delta is None else {"content": delta}
-                if first:
-                    d = {"role": "assistant", "content": ""}
-                choice = {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}
-            else:
-                choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
-            return f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
+            return openai.stream_chunk(head, delta, finish, chat=chat, first=first)
 
         async def events() -> AsyncIterator[str]:
             stream = TextStream(self.tokenizer, stops)
@@ -592,7 +357,7 @@ class PluralAggregator:
             try:
                 if chat:
                     yield chunk(None, None, first=True)
-                async with aclosing(self._decode(params, backend)) as gen:
+                async with aclosing(self.fanout.decode(params, backend)) as gen:
                     async for event in gen:
                         count += 1
                         delta = stream.add(event.token)
@@ -609,13 +374,10 @@ class PluralAggregator:
                     yield chunk(tail, None)
                 yield chunk(None if chat else "", finish)
                 if usage:
-                    n = len(params.ids)
-                    totals = {"prompt_tokens": n, "completion_tokens": count, "total_tokens": n + count}
-                    yield f"data: {json.dumps({**head, 'choices': [], 'usage': totals})}\n\n"
+                    yield openai.stream_usage(head, len(params.ids), count)
             except ApiError as err:
-                error = {"message": err.message, "type": err.kind, "param": err.param, "code": err.status}
-                yield f"data: {json.dumps({'error': error})}\n\n"
-            yield "data: [DONE]\n\n"
+                yield openai.stream_error(err)
+            yield openai.STREAM_DONE
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
@@ -636,8 +398,7 @@ class PluralAggregator:
             raise ApiError(422, f"options: {err}", param="options") from None
         except Exception as err:  # the tokenizer refuses the text
             raise ApiError(422, f"options: cannot be tokenized ({type(err).__name__})", param="options") from None
-        deadline = time.monotonic() + self.cfg.request_timeout_s
-        logits = await self._logits(backend, ids, perspectives, True, None, deadline, True)
+        logits = await self.fanout.logits(backend, ids, perspectives, True, None, self.fanout.deadline(), True)
 
         def probs(scores: torch.Tensor) -> dict[str, Any]:
             p, coverage = option_probs(scores[None], label_ids)

@@ -57,6 +57,18 @@ class TokenEvent:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class Generated:
+    """One finished (not streamed) generation: prompt ids, text (cut at a stop sequence), why it ended, its
+    token events and ``info`` (``replays``, ``vector_versions``)."""
+
+    ids: list[int]
+    text: str
+    finish_reason: str
+    events: list[TokenEvent] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
 def combined_scores(logits: StepLogits, perspectives: Sequence[str], decoding: Decoding) -> torch.Tensor:
     """``[vocab]`` combined scores (log-probabilities; raw scores under ``reference``)."""
     if not perspectives:
@@ -160,4 +172,4 @@ class TextStream:
         return delta
 
 
-__all__ = ["GenParams", "StepLogits", "TextStream", "TokenEvent", "combined_scores", "plural_decode"]
+__all__ = ["GenParams", "Generated", "StepLogits", "TextStream", "TokenEvent", "combined_scores", "plural_decode"]

@@ -135,6 +135,44 @@ def test_plural_decoding_over_three_perspectives_equals_offline_plural_generate(
     assert [s["id"] for s in r.json()["choices"][0]["distributions"]] == sampled.tokens[0]
 
 
+def test_the_fanout_client_over_serve_handles_answers_as_the_http_api(app, embedded) -> None:
+    """serve/fanout.py driven from here over the app's deployment handles (no HTTP): the same tokens as
+    /v1/completions for the same request, on both backends, and the sessions released afterwards."""
+    import asyncio
+
+    from ray import serve
+
+    from serve.config import BASE, FUSED, perspective_deployment
+    from serve.fanout import Fanout
+    from serve.generation import GenParams
+
+    tok = embedded[1]
+    prompt = _chat(tok, QUESTION)
+    handles = {p: serve.get_deployment_handle(perspective_deployment(p), app_name="pluristeer")
+               for p in app.perspectives}  # fmt: skip
+    base, fused = (serve.get_deployment_handle(n, app_name="pluristeer") for n in (BASE, FUSED))
+    before = {n: _stats(n)["sessions"] for n in (BASE, FUSED)}
+    for backend in ("replicas", "fused"):
+        r = app.post("/v1/completions", {"prompt": prompt, "max_tokens": 6, "temperature": 0, "logprobs": 0,
+                                         "backend": backend})  # fmt: skip
+        expected = [s["id"] for s in r.json()["choices"][0]["distributions"]]
+        params = GenParams(ids=tok(prompt, add_special_tokens=False)["input_ids"], perspectives=app.perspectives,
+                           decoding=Decoding("dvd", alpha=0.2, tau=0.4, top_k=20), max_tokens=6, temperature=0.0,
+                           eos=tok.eos_token_id)  # fmt: skip
+
+        async def run(backend: str = backend, params: GenParams = params) -> Any:
+            client = Fanout(handles, base, fused, step_timeout_s=60, request_timeout_s=120)
+            out = await client.generate(params, backend, tok, stops=[])
+            await client.drain()
+            return out
+
+        out = asyncio.run(run())
+        assert [e.token for e in out.events] == expected, backend
+        assert set(out.info["vector_versions"]) == set(app.perspectives)
+    after = {n: _stats(n)["sessions"] for n in (BASE, FUSED)}
+    assert after[BASE] <= before[BASE] and after[FUSED] <= before[FUSED]
+
+
 def test_distribution_per_perspective_and_combined(app, embedded, embedded_sae) -> None:
     model, tok = embedded
     record = next(r for r in BUNDLED["globalopinionqa"].records("test") if len(r.options) >= 3)
@@ -144,7 +182,7 @@ def test_distribution_per_perspective_and_combined(app, embedded, embedded_sae) 
     assert r.status_code == 200, r.text
     body = r.json()
     batch = tok([prompt], return_tensors="pt", add_special_tokens=False)
-    from pipelines.prompts import label_token_ids, option_probs
+    from sae.readout import label_token_ids, option_probs
 
     ids = label_token_ids(tok, letters)
     combined = plural_next_token(model, batch["input_ids"], batch["attention_mask"], app.vectors, app.perspectives,

@@ -1,0 +1,226 @@
+"""The fan-out client: the aggregator's calls to the model deployments, apart from HTTP.
+
+:class:`Fanout` holds the deployment handles — one per perspective plus ``BaseModel`` (``replicas``
+backend) and/or ``FusedPlural`` (``fused``) — and runs one generation step by step:
+
+- every step fans out to the K perspectives' deployments (and ``BaseModel`` where the mode needs the
+  unsteered logits) concurrently, or makes one ``step_rows`` call to ``FusedPlural``;
+- each call carries the session id, so the replica keeps the session's KV cache and Serve's router sends
+  the session's next step back to it (:mod:`serve.routing`);
+- a call whose replica died (``RayActorError``, ``ActorUnavailableError``) or that got no answer within
+  ``step_timeout_s`` is retried, with backoff, until the request's deadline (then :class:`ApiError` 504);
+  the replica that answers replays the prefix, counted as a replay. A call that raised in the replica is a
+  502 naming the deployment;
+- when the generation ends (finished, failed or abandoned by the client) the session is released on every
+  deployment it used, best effort (the replicas' TTL drops what a lost release leaves).
+
+A handle is anything with Serve's ``DeploymentHandle`` surface used here: ``handle.<method>.remote(...)``
+returning an awaitable response with ``cancel()``; tests drive the client with Serve handles or with plain
+objects of that shape, no HTTP involved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from serve.config import BASE, FUSED, perspective_deployment
+from serve.errors import ApiError
+from serve.generation import Generated, GenParams, StepLogits, TextStream, TokenEvent, plural_decode
+from serve.metrics import Metrics
+
+log = logging.getLogger("ray.serve")
+RETRYABLE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+
+
+async def _wait(response: Any) -> Any:
+    return await response
+
+
+async def _quiet(response: Any) -> None:
+    with contextlib.suppress(Exception):  # releasing is best effort: the TTL drops what is left
+        await response
+
+
+class Fanout:
+    """Calls to the model deployments for one aggregator replica (see the module docstring).
+
+    ``replicas`` maps perspective -> its ``PerspectiveModel`` handle; ``base`` / ``fused`` may be ``None``
+    when that backend is not deployed. ``metrics`` receives per-deployment calls, latency, tokens, replays.
+    """
+
+    def __init__(
+        self,
+        replicas: dict[str, Any],
+        base: Any = None,
+        fused: Any = None,
+        *,
+        step_timeout_s: float,
+        request_timeout_s: float,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.replicas = dict(replicas)
+        self.base, self.fused = base, fused
+        self.step_timeout_s, self.request_timeout_s = step_timeout_s, request_timeout_s
+        self.metrics = metrics if metrics is not None else Metrics()
+        self._tasks: set[asyncio.Task] = set()
+
+    @property
+    def backends(self) -> list[str]:
+        return [b for b, ok in (("replicas", self.base is not None), ("fused", self.fused is not None)) if ok]
+
+    def deadline(self) -> float:
+        """The monotonic time a request started now must finish by."""
+        return time.monotonic() + self.request_timeout_s
+
+    # -- one call ---------------------------------------------------------------------------------------------
+    async def call(self, handle: Any, method: str, name: str, deadline: float, *args: Any, **kwargs: Any) -> Any:
+        """``handle.method.remote(*args, **kwargs)``, retried while its replica is lost (until ``deadline``)."""
+        attempt = 0
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ApiError(504, f"timed out waiting for {name}", kind="timeout_error")
+            started = time.perf_counter()
+            response = getattr(handle, method).remote(*args, **kwargs)
+            try:
+                result = await asyncio.wait_for(_wait(response), min(self.step_timeout_s, left))
+            except RETRYABLE as err:
+                outcome, why = "retry", type(err).__name__
+            except TimeoutError:
+                response.cancel()
+                outcome, why = "timeout", "no answer"
+            except ray.exceptions.RayTaskError as err:
+                self.metrics.calls.labels(name, "error").inc()
+                cause = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+                raise ApiError(502, f"{name} failed: {cause}", kind="upstream_error") from None
+            else:
+                self.metrics.calls.labels(name, "ok").inc()
+                self.metrics.call_seconds.labels(name).observe(time.perf_counter() - started)
+                return result
+            self.metrics.calls.labels(name, outcome).inc()
+            attempt += 1
+            log.warning("%s.%s: %s (attempt %d); retrying", name, method, why, attempt)
+            await asyncio.sleep(min(0.05 * 2**attempt, 1.0))
+
+    # -- one decoding step ------------------------------------------------------------------------------------
+    async def logits(
+        self,
+        backend: str,
+        ids: list[int],
+        perspectives: Sequence[str],
+        needs_base: bool,
+        session: str | None,
+        deadline: float,
+        first: bool,
+    ) -> StepLogits:
+        """Next-token logits after ``ids``: ``[K, vocab]`` steered and (``needs_base``) the unsteered row.
+        A step other than the ``first`` that found no KV cache counts as a replay."""
+        k = len(perspectives)
+        if backend == "fused":
+            rows: list[str | None] = [*perspectives, *([None] if needs_base else [])]
+            r = await self.call(self.fused, "step_rows", FUSED, deadline, ids, rows, session=session)
+            logits = torch.from_numpy(r["logits"].copy())  # Ray hands back read-only arrays
+            results = [
+                (FUSED, {"ran": ran, "hit": hit, "version": r["version"]})
+                for ran, hit in zip(r["ran"], r["hit"], strict=True)
+            ]
+            steered, base = (logits[:k] if k else None), (logits[k] if needs_base else None)
+        else:
+            targets = [(self.replicas[p], perspective_deployment(p)) for p in perspectives]
+            targets += [(self.base, BASE)] if needs_base else []
+            answers = await asyncio.gather(
+                *(self.call(h, "step", name, deadline, ids, session=session) for h, name in targets)
+            )
+            results = [(name, a) for (_, name), a in zip(targets, answers, strict=True)]
+            steered = torch.from_numpy(np.stack([a["logits"] for a in answers[:k]])) if k else None
+            base = torch.from_numpy(answers[k]["logits"].copy()) if needs_base else None
+        replays = 0
+        for name, r in results:
+            self.metrics.deployment_tokens.labels(name).inc(r["ran"])
+            if not first and not r["hit"]:
+                replays += 1
+                self.metrics.replays.labels(name).inc()
+        versions = {p: results[i][1]["version"] for i, p in enumerate(perspectives)}
+        return StepLogits(steered, base, {"replays": replays, "versions": versions})
+
+    def release(self, session: str, backend: str, perspectives: Sequence[str], needs_base: bool) -> None:
+        """Drop ``session``'s KV caches on every deployment it used, in the background (best effort)."""
+        handles = [self.fused] if backend == "fused" else [self.replicas[p] for p in perspectives]
+        if backend != "fused" and needs_base:
+            handles.append(self.base)
+        for h in handles:
+            task = asyncio.get_running_loop().create_task(_quiet(h.release.remote(session=session)))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def drain(self) -> None:
+        """Wait for the background releases started so far (tests; shutdown)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    # -- whole generations ------------------------------------------------------------------------------------
+    async def decode(self, params: GenParams, backend: str) -> AsyncIterator[TokenEvent]:
+        """The generation's token events, one session from the first step to the release."""
+        session = uuid.uuid4().hex
+        deadline = self.deadline()
+        started = time.perf_counter()
+
+        async def step_fn(ids: list[int], first: bool) -> StepLogits:
+            return await self.logits(backend, ids, params.perspectives, params.needs_base, session, deadline, first)
+
+        try:
+            async with aclosing(plural_decode(step_fn, params)) as events:
+                async for event in events:
+                    self.metrics.tokens.labels("completion", backend).inc()
+                    yield event
+        finally:
+            self.release(session, backend, params.perspectives, params.needs_base)
+            self.metrics.generation_seconds.labels(backend).observe(time.perf_counter() - started)
+
+    async def generate(self, params: GenParams, backend: str, tokenizer: Any, stops: Sequence[str]) -> Generated:
+        """The whole generation, cut at the first of ``stops``."""
+        stream = TextStream(tokenizer, stops)
+        events: list[TokenEvent] = []
+        finish = "length"
+        replays, versions = 0, {}
+        self.metrics.tokens.labels("prompt", backend).inc(len(params.ids))
+        async with aclosing(self.decode(params, backend)) as gen:
+            async for event in gen:
+                events.append(event)
+                stream.add(event.token)
+                replays += event.info.get("replays", 0)
+                versions = event.info.get("versions", versions)
+                if stream.stopped:
+                    finish = "stop"
+                    break
+                finish = event.finish_reason or finish
+        return Generated(params.ids, stream.text, finish, events, {"replays": replays, "vector_versions": versions})
+
+    # -- replica stats ----------------------------------------------------------------------------------------
+    async def stats(self, timeout_s: float = 5.0) -> list[tuple[str, dict[str, Any]]]:
+        """``(deployment, stats)`` of one replica of every deployment that answers within ``timeout_s``."""
+        targets = [(perspective_deployment(p), h) for p, h in self.replicas.items()]
+        targets += [(BASE, self.base)] if self.base is not None else []
+        targets += [(FUSED, self.fused)] if self.fused is not None else []
+
+        async def one(name: str, handle: Any) -> tuple[str, dict[str, Any]] | None:
+            try:
+                return name, await asyncio.wait_for(_wait(handle.stats.remote()), timeout_s)
+            except Exception:  # a replica that is down does not fail the scrape
+                return None
+
+        return [r for r in await asyncio.gather(*(one(n, h) for n, h in targets)) if r is not None]
+
+
+__all__ = ["RETRYABLE", "Fanout"]
