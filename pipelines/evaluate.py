@@ -52,9 +52,10 @@ def resolve_task(cfg: EvalConfig, name: str) -> Task:
                     definition=definition)  # fmt: skip
 
 
-def load_task(cfg: EvalConfig, name: str) -> TaskData:
-    """The test records of task ``name`` (subsampled with ``cfg.limit``) and what prompts need from train."""
-    task = resolve_task(cfg, name)
+def load_task(cfg: EvalConfig, name: str | Task) -> TaskData:
+    """The test records of task ``name`` (or of an already resolved task; subsampled with ``cfg.limit``) and
+    what prompts need from train."""
+    task = name if isinstance(name, Task) else resolve_task(cfg, name)
     limit = int(cfg.task_limits.get(task.name, cfg.limit)) if cfg.limit else 0
     return make_task(cfg, task, task.records("train"), task.records("test"), limit)
 
@@ -159,7 +160,7 @@ def run_evaluate(cfg: EvalConfig, *, echo: Callable[[str], None] = print) -> Eva
     cfg.check_saes([c for cs in conditions.values() for c in cs])  # before the layer: name the missing SAE
     layer = resolve_layer(cfg)
     resolved = [resolve_task(cfg, name) for name in cfg.tasks]
-    tasks = [load_task(cfg, name) for name in cfg.tasks]
+    tasks = [load_task(cfg, task) for task in resolved]
     engine = Engine(cfg, echo=echo)
     n_layers = int(AutoConfig.from_pretrained(resolve_model(cfg.model).path).num_hidden_layers)
     units = engine.plan(tasks, conditions)

@@ -45,8 +45,7 @@ class SAEEntry:
 def sae_catalog(cfg: EvalConfig) -> list[SAEEntry]:
     """Every SAE the config names, with its layer (``hook_layer``); labels are unique."""
     out: list[SAEEntry] = []
-    named = [(label, path) for label, path in cfg.named_saes.items()]
-    for label, path in named + [(None, p) for p in cfg.sweep_saes]:
+    for label, path in [*cfg.named_saes.items(), *((None, p) for p in cfg.sweep_saes)]:
         sae = SparseAutoencoder.load(path)
         layer = sae.cfg.metadata.get("hook_layer")
         if layer is None:
@@ -104,11 +103,12 @@ def run_sweep(cfg: EvalConfig, *, echo: Callable[[str], None] = print) -> dict[s
         conditions = {t.name: conds for t in tasks}
         result = engine.run(tasks, conditions, layer, {e.label: e.path for e in saes}, cfg.work)
         scored, _, _ = score(cfg, tasks, conditions, result.outputs)
+        steers = {c.name: c.steer for c in conds if c.steer is not None}
         for r in scored:
             if r["perspective"] == "all":
-                mode = "caa" if r["condition"].startswith("caa") else "sae"
-                sae = r["condition"].removeprefix("steer-").rsplit("-fine", 1)[0] if mode == "sae" else None
-                rows.append({**r, "layer": layer, "mode": mode, "sae": None if r["condition"] == BASELINE else sae})
+                spec = steers.get(r["condition"])
+                mode = "caa" if spec is not None and spec.mode == "caa" else "sae"
+                rows.append({**r, "layer": layer, "mode": mode, "sae": None if spec is None else spec.sae})
     best = pick_best(rows)
     result = {"layers": layers, "saes": {e.label: {"path": str(e.path), "layer": e.layer} for e in saes},
               "best": best, "seconds": round(time.perf_counter() - started)}  # fmt: skip
@@ -150,8 +150,8 @@ def write_sweep(cfg: EvalConfig, rows: list[dict[str, Any]], result: dict[str, A
     lines = [
         "# Layer / coefficient sweep (train split, held out)",
         "",
-        "Vectors from one part of each task's training records, scored on ≤"
-        f"{cfg.sweep_limit or 'all'} records per perspective of another (the valid split, or the other half of "
+        "Vectors from one part of each task's training records, scored on "
+        f"{f'≤{cfg.sweep_limit}' if cfg.sweep_limit else 'all'} records per perspective of another (the valid split, or the other half of "
         "the training items); Δ = paired difference to zero-shot with its 95% bootstrap interval. Primary "
         "metric: macro-F1 (classification, higher is better) or JSD (distributions, lower is better).",
         "",

@@ -20,7 +20,7 @@ import random
 import re
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -285,12 +285,8 @@ def get_task(
         definitions = load_definitions(data_dir())
         if definition not in definitions:
             raise DataError(f"crehate_definition: {definition!r} is not one of {sorted(definitions)}")
-        task = _with_context(task, f"Hate speech policy: {definitions[definition]}")
+        task = replace(task, context=f"Hate speech policy: {definitions[definition]}")
     return task
-
-
-def _with_context(task: Task, context: str) -> Task:
-    return Task(**{**{f: getattr(task, f) for f in task.__dataclass_fields__}, "context": context})
 
 
 def check_task_settings(tasks: Sequence[str], templates: dict[str, Any], test_fraction: float) -> None:
