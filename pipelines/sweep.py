@@ -151,7 +151,8 @@ def write_sweep(cfg: EvalConfig, rows: list[dict[str, Any]], result: dict[str, A
         "# Layer / coefficient sweep (train split, held out)",
         "",
         "Vectors from one part of each task's training records, scored on "
-        f"{f'≤{cfg.sweep_limit}' if cfg.sweep_limit else 'all'} records per perspective of another (the valid split, or the other half of "
+        f"{f'≤{cfg.sweep_limit}' if cfg.sweep_limit else 'all'} records per perspective of another "
+        "(the valid split, or the other half of "
         "the training items); Δ = paired difference to zero-shot with its 95% bootstrap interval. Primary "
         "metric: macro-F1 (classification, higher is better) or JSD (distributions, lower is better).",
         "",
