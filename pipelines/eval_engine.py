@@ -321,7 +321,7 @@ def _subset(o: Any, idx: np.ndarray) -> Any:
     return Outcomes(o.gold[idx], o.pred[idx], o.n_classes, None if o.jsd is None else o.jsd[idx])
 
 
-def _seed(cfg: EvalConfig, *parts: str) -> int:
+def seed_for(cfg: EvalConfig, *parts: str) -> int:
     return random.Random(":".join([str(cfg.seed), *parts])).randrange(2**31)
 
 
@@ -361,7 +361,7 @@ def score(
                 summary = summarize(
                     _subset(outcome, idx), [strata[i] for i in idx],
                     baseline=None if name == BASELINE else _subset(base, idx),
-                    n_resamples=cfg.bootstrap, seed=_seed(cfg, task.name, perspective),
+                    n_resamples=cfg.bootstrap, seed=seed_for(cfg, task.name, perspective),
                 )  # fmt: skip
                 rows.append({
                     "run": cfg.run_name, "task": task.name, "kind": task.kind, "condition": name,
@@ -377,7 +377,7 @@ def score(
                 continue
             metric = PRIMARY[task.kind] if claim.metric == "primary" else claim.metric
             summary = summarize(results[claim.a][0], strata, baseline=results[claim.b][0],
-                                n_resamples=cfg.bootstrap, seed=_seed(cfg, task.name, "all"))  # fmt: skip
+                                n_resamples=cfg.bootstrap, seed=seed_for(cfg, task.name, "all"))  # fmt: skip
             if metric not in summary:
                 continue
             d = summary[metric]["delta"]

@@ -31,6 +31,7 @@ from pipelines.eval_report import fmt
 from pipelines.evaluate import make_task, resolve_task
 from pipelines.metrics import LOWER_IS_BETTER
 from pipelines.records import item_key
+from pipelines.tasks import Task
 from sae.atomic import atomic_write_json, atomic_write_text
 from sae.model import SparseAutoencoder
 
@@ -60,11 +61,11 @@ def sae_catalog(cfg: EvalConfig) -> list[SAEEntry]:
     return out
 
 
-def holdout_task(cfg: EvalConfig, name: str, limit: int) -> TaskData:
+def holdout_task(cfg: EvalConfig, name: str | Task, limit: int) -> TaskData:
     """Task ``name`` for selection on training data only: vectors (and few-shot examples) from one part of it,
     ≤ ``limit`` records per perspective scored from another: the task's ``valid`` split where it has one,
     else the other half of its training items (seeded, by item)."""
-    task = resolve_task(cfg, name)
+    task = name if isinstance(name, Task) else resolve_task(cfg, name)
     train = task.records("train")
     if "valid" in task.splits:
         return make_task(cfg, task, train, task.records("valid"), limit)

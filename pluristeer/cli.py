@@ -186,6 +186,21 @@ def evaluate(
 
 
 @app.command()
+def recommend(config: ConfigOpt = None, set_: SetOpt = None, address: AddressOpt = None) -> None:
+    """Rank zero-/few-shot, CAA, SAE steering (layers x coefficients x fine/coarse) and PD on held-out
+    training records; write recommend.md/.json and a serve config for the winner (the test split is not read)."""
+    from pipelines.evaluate import EvalConfig
+    from pipelines.recommend import run_recommend
+
+    try:
+        run_recommend(EvalConfig.load(config, _overrides(set_, address)))
+    except _user_errors() as err:
+        _fail(str(err))
+    except KeyboardInterrupt:
+        _fail("interrupted: finished units are kept in the work directory; rerun the same command to resume", 130)
+
+
+@app.command()
 def serve(config: ConfigOpt = None, set_: SetOpt = None, address: AddressOpt = None) -> None:
     """Serve steered perspectives and pluralistic decoding over HTTP (Ray Serve); Ctrl-C stops it."""
     from serve.app import run_serve
