@@ -230,14 +230,20 @@ def demo(
     out: Annotated[Path, typer.Option(help="where the demo writes its outputs (a rerun resumes)")] = Path("runs/demo"),
     tokens: Annotated[int, typer.Option(help="activation rows to collect for the SAE")] = 200_000,
     limit: Annotated[int, typer.Option(help="test records per perspective in the evaluation slice")] = 20,
+    data: Annotated[
+        Path | None, typer.Option("--data", help="your perspective JSONL: vectors, recommend and evaluate on it")
+    ] = None,
 ) -> None:
-    """The whole pipeline on a small scale: collect -> train an 8x SAE -> vectors -> evaluate -> results table."""
+    """The whole pipeline on a small scale: collect -> train an 8x SAE -> vectors -> evaluate -> results table
+    (with --data: collect -> train -> vectors -> recommend -> evaluate on the file's test split)."""
     from pipelines.demo import DemoSettings, run_demo
 
     if tokens < 4096 or limit < 1:
         _fail("--tokens must be >= 4096 and --limit >= 1")
     try:
-        run_demo(data_dir=data_dir, model_id=model, out=out, settings=DemoSettings(tokens=tokens, limit=limit))
+        run_demo(
+            data_dir=data_dir, model_id=model, out=out, settings=DemoSettings(tokens=tokens, limit=limit), data=data
+        )
     except _user_errors() as err:
         _fail(str(err))
     except KeyboardInterrupt:
