@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from common.config import ConfigError, StageConfig, check
 from common.registry import RegistryClient
 from pipelines.corpus import iter_documents
 from pipelines.datasets import data_dir
@@ -293,11 +294,11 @@ def run_explain(
     sample-weighted mean of the set's vectors. Needs ``model`` for a corpus scan and for the logit lens."""
 
     if vector_set.meta.mode == "caa":
-        raise ValueError("a caa vector set lives in the residual stream, not in SAE features: nothing to explain")
+        raise ConfigError("a caa vector set lives in the residual stream, not in SAE features: nothing to explain")
     names = list(perspectives) or vector_set.perspectives
     unknown = [p for p in names if p not in vector_set.vectors]
     if unknown:
-        raise ValueError(f"no perspective {unknown} in this set; it has {vector_set.perspectives}")
+        raise ConfigError(f"no perspective {unknown} in this set; it has {vector_set.perspectives}")
     vectors = {p: vector_set[p] for p in names}
     if relative:
         counts = {p: vector_set.meta.n_samples.get(p, 1) for p in vector_set.perspectives}
@@ -316,7 +317,7 @@ def run_explain(
         top, table = scan_texts(model, tokenizer, sae, layer, texts, union, max_tokens=max_tokens, n=contexts)
         source = f"the corpus {corpus}"
     else:
-        raise ValueError("give an activation store or a corpus directory to find contexts in")
+        raise ConfigError("give an activation store or a corpus directory to find contexts in")
     label = "{} (relative to the mean of the set)" if relative else "{}"
     return [
         explain_vector(
@@ -334,49 +335,61 @@ def run_explain(
     ]
 
 
-def explain_command(
-    source: str,
-    *,
-    perspectives: Sequence[str] = (),
-    store: Path | None = None,
-    corpus: Path | None = None,
-    sae_dir: Path | None = None,
-    top: int = 10,
-    contexts: int = 5,
-    max_tokens: int = 20_000,
-    out: Path | None = None,
-    ray_address: str | None = None,
-    relative: bool = False,
-    console: Any = None,
-) -> list[Explanation]:
+@dataclass
+class ExplainConfig(StageConfig):
+    """Settings of ``pluristeer explain VECTORS`` (YAML + ``--set field=value``)."""
+
+    vectors: str = ""  # a VectorSet file, or a registry key name[@version] (the CLI's argument)
+    perspectives: list[str] = field(default_factory=list)  # default: every perspective of the set
+    store: Path | None = None  # an activation store to find the contexts in (made with the set's model)
+    corpus: Path | None = None  # a corpus to scan instead; default (no store): <data dir>/corpus
+    sae: Path | None = None  # default: the SAE the set records
+    top: int = 10  # features per perspective
+    contexts: int = 5  # contexts per feature
+    max_tokens: int = 20_000  # tokens scanned
+    out: Path | None = None  # also write a Markdown report here
+    relative: bool = False  # explain v_p minus the set's mean: what sets p apart
+    ray_address: str | None = None  # the Ray cluster of the registry (for a registry key)
+
+    def validate(self) -> None:
+        check(bool(self.vectors.strip()), "vectors: give a VectorSet file or a registry key")
+        check(self.top >= 1 and self.contexts >= 1, "top, contexts: must be >= 1")
+        check(self.max_tokens >= 1, "max_tokens: must be >= 1")
+
+
+def explain_command(cfg: ExplainConfig, *, console: Any = None) -> list[Explanation]:
     """``pluristeer explain``: load the set (file or registry key), its SAE and model, scan, print, write."""
     from rich.console import Console
 
     console = console or Console()
-    vector_set = VectorSet.load(source) if Path(source).is_file() else RegistryClient(address=ray_address).get(source)
+    source = cfg.vectors
+    vector_set = (
+        VectorSet.load(source) if Path(source).is_file() else RegistryClient(address=cfg.ray_address).get(source)
+    )
     meta = vector_set.meta
-    sae_path = sae_dir or (Path(meta.sae_path) if meta.sae_path else None)
+    sae_path = cfg.sae or (Path(meta.sae_path) if meta.sae_path else None)
     if sae_path is None:
-        raise ValueError(f"{source} records no SAE; pass --sae")
+        raise ConfigError(f"sae: {source} records no SAE; pass --set sae=DIR")
     sae = SparseAutoencoder.load(sae_path)
     model, tokenizer = load_lm(model_id(meta.model))
     vector_set.check(model, sae=sae)
+    store, corpus = cfg.store, cfg.corpus
     if store is None and corpus is None:
         corpus = data_dir() / "corpus"
     if store is not None:
         made_with = read_manifest(store).model
         if made_with != meta.model:
-            raise ValueError(f"the store {store} holds activations of {made_with!r}, the set is for {meta.model!r}")
+            raise ConfigError(f"store: {store} holds activations of {made_with!r}, the set is for {meta.model!r}")
     explanations = run_explain(
-        vector_set, sae, tokenizer, perspectives=perspectives, store=store, corpus=corpus, model=model,
-        k=top, contexts=contexts, max_tokens=max_tokens, relative=relative,
+        vector_set, sae, tokenizer, perspectives=cfg.perspectives, store=store, corpus=corpus, model=model,
+        k=cfg.top, contexts=cfg.contexts, max_tokens=cfg.max_tokens, relative=cfg.relative,
     )  # fmt: skip
     for e in explanations:
         render(e, console)
-    if out is not None:
+    if cfg.out is not None:
         title = f"{meta.task} {meta.mode} vectors ({meta.granularity}, layer {meta.layer}): {source}"
-        atomic_write_text(out, to_markdown(explanations, title))
-        console.print(f"wrote {out}")
+        atomic_write_text(cfg.out, to_markdown(explanations, title))
+        console.print(f"wrote {cfg.out}")
     return explanations
 
 
@@ -387,6 +400,7 @@ def model_id(recorded: str) -> str:
 
 __all__ = [
     "Context",
+    "ExplainConfig",
     "Explanation",
     "FeatureReport",
     "TokenTable",

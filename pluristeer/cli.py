@@ -128,29 +128,17 @@ def vectors(config: ConfigOpt = None, set_: SetOpt = None, address: AddressOpt =
 @app.command()
 def explain(
     vectors: Annotated[str, typer.Argument(help="a VectorSet file, or a registry key name[@version]")],
-    perspective: Annotated[list[str] | None, typer.Option("--perspective", "-p", help="default: all")] = None,
-    store: Annotated[Path | None, typer.Option(help="activation store to find contexts in")] = None,
-    corpus: Annotated[Path | None, typer.Option(help="corpus to scan instead (default: <data dir>/corpus)")] = None,
-    sae: Annotated[Path | None, typer.Option(help="SAE directory (default: the one the set records)")] = None,
-    top: Annotated[int, typer.Option(help="features per perspective")] = 10,
-    contexts: Annotated[int, typer.Option(help="contexts per feature")] = 5,
-    max_tokens: Annotated[int, typer.Option(help="tokens to scan")] = 20_000,
-    out: Annotated[Path | None, typer.Option(help="also write a Markdown report here")] = None,
-    ray_address: Annotated[
-        str | None,
-        typer.Option("--address", "--ray-address", help="Ray cluster of the registry", callback=_check_address),
-    ] = None,
-    relative: Annotated[bool, typer.Option(help="explain v_p minus the set's mean: what sets p apart")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    address: AddressOpt = None,
 ) -> None:
-    """Show a steering vector's top SAE features and the corpus contexts that activate them."""
-    from pipelines.explain import explain_command
+    """Show a steering vector's top SAE features and the corpus contexts that activate them (fields: see
+    ExplainConfig: perspectives, store, corpus, sae, top, contexts, max_tokens, out, relative)."""
+    from pipelines.explain import ExplainConfig, explain_command
 
     try:
-        explain_command(
-            vectors, perspectives=perspective or [], store=store, corpus=corpus, sae_dir=sae, top=top,
-            contexts=contexts, max_tokens=max_tokens, out=out, ray_address=ray_address, relative=relative,
-        )  # fmt: skip
-    except (*_user_errors(), ValueError) as err:
+        explain_command(ExplainConfig.load(config, [f"vectors={json.dumps(vectors)}", *_overrides(set_, address)]))
+    except _user_errors() as err:
         _fail(str(err))
 
 

@@ -69,17 +69,21 @@ def test_explain_command_prints_and_writes_a_report(tmp_path: Path, embedded, em
     model, _ = embedded
     path = _vector_set(model, embedded_sae.sae, {10: 1.0, 20: 0.5}).save(tmp_path / "set.safetensors")
     env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200"}
-    cmd = [sys.executable, "-m", "pluristeer.cli", "explain", str(path), "--sae", str(embedded_sae.path)]
-    cmd += ["--store", str(embedded_sae.store), "--top", "2", "--contexts", "2", "--out", str(tmp_path / "r.md")]
+    cmd = [sys.executable, "-m", "pluristeer.cli", "explain", str(path), "--set", f"sae={embedded_sae.path}"]
+    cmd += ["--set", f"store={embedded_sae.store}", "--set", "top=2", "--set", "contexts=2",
+            "--set", f"out={tmp_path / 'r.md'}"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "top SAE features" in proc.stdout
     assert "### feature 10 (weight +1.000)" in (tmp_path / "r.md").read_text()
     bad = subprocess.run(
-        [*cmd[:5], "--sae", str(tmp_path), "--store", str(embedded_sae.store)],
+        [*cmd[:5], "--set", f"sae={tmp_path}", "--set", f"store={embedded_sae.store}"],
         capture_output=True, text=True, env=env, cwd=REPO, timeout=300,
     )  # fmt: skip
     assert bad.returncode == 2 and "not an SAE directory" in bad.stderr and "Traceback" not in bad.stderr
+    renamed = subprocess.run([*cmd[:5], "--set", "topk=3"], capture_output=True, text=True, env=env, cwd=REPO,
+                             timeout=300)  # fmt: skip
+    assert renamed.returncode == 2 and "unknown field(s) ['topk']" in renamed.stderr
 
 
 def test_corpus_scan_reads_each_texts_tokens_after_position_0(embedded, embedded_sae, tmp_path: Path) -> None:

@@ -148,56 +148,55 @@ def _write_jsonl(path: Path, kind: str) -> dict[str, set[str]]:
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory, embedded_sae):
-    """One Ray instance: vectors (the CLI's stage), evaluate and recommend on two JSONL tasks."""
+    """One Ray instance: ``pluristeer demo --data``'s stages after training (vectors -> recommend -> evaluate on
+    the test split) on a classify JSONL, and recommend alone on a distribution JSONL."""
     import ray
 
-    from pipelines.evaluate import run_evaluate
+    from pipelines.demo import DemoSettings, user_pipeline
     from pipelines.recommend import run_recommend
-    from pipelines.vectors import VectorConfig, run_vectors
+    from pipelines.tasks import get_task
 
     root = tmp_path_factory.mktemp("recommend")
-    cls_ids = _write_jsonl(root / "commute.jsonl", "classify")
+    ids = _write_jsonl(root / "commute.jsonl", "classify")
     _write_jsonl(root / "commute-dist.jsonl", "distribution")
-    tasks = [str(root / "commute.jsonl"), str(root / "commute-dist.jsonl")]
-    common = [f"sae_8x={embedded_sae.path}", f"tasks={json.dumps(tasks)}", "bootstrap=200", "samples=8",
-              "items_per_unit=16", "track=false", "pd_k_distribution=3"]  # fmt: skip
+    settings = DemoSettings(samples=8, recommend_coeffs=(4.0,))
     patch = pytest.MonkeyPatch()
     patch.setenv("PLURISTEER_API_KEYS", "k")  # before ray.init: the serve replicas inherit it
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        vectors = run_vectors(VectorConfig.from_dict({
-            "sae": embedded_sae.path, "task": tasks[0], "samples": 8, "out": root / "vectors", "publish": False,
-            "track": False,
-        }))  # fmt: skip
-        evaluation = run_evaluate(EvalConfig.load(None, [*common, "conditions=[zero-shot,steer-8x-fine]", "coeff=4",
-                                                         f"out={root / 'eval'}", f"work_dir={root / 'work'}"]),
-                                  echo=lambda _: None)  # fmt: skip
+        data = str(root / "commute.jsonl")
+        paths = user_pipeline(settings, "embedded", root / "demo", embedded_sae.path, get_task(data), data)
         lines: list[str] = []
-        rec_cfg = EvalConfig.load(None, [*common, "sweep_coeffs=[4]", "sweep_limit=0", f"out={root / 'rec'}",
-                                         f"work_dir={root / 'work'}"])  # fmt: skip
-        report = run_recommend(rec_cfg, echo=lines.append)
-        yield root, cls_ids, vectors, evaluation, report, lines
+        cfg = EvalConfig.load(None, [f"sae_8x={embedded_sae.path}", f"tasks=[{root / 'commute-dist.jsonl'}]",
+                                     "bootstrap=200", "samples=8", "sweep_coeffs=[4]", "sweep_limit=0", "track=false",
+                                     f"out={root / 'rec'}", f"work_dir={root / 'work'}"])  # fmt: skip
+        report = run_recommend(cfg, echo=lines.append)
+        demo = json.loads((root / "demo" / "recommend" / "recommend.json").read_text())
+        yield root, ids, paths, {"commute": demo["tasks"]["commute"], **report["tasks"]}, lines
     finally:
         ray.shutdown()
         patch.undo()
 
 
-def test_meta_split_is_honoured_by_vectors_evaluate_and_recommend(pipeline) -> None:
-    root, ids, vectors, evaluation, _, _ = pipeline
-    assert set(vectors.sets["fine"].perspectives) == set(VIEWS)
-    predicted = {json.loads(line)["id"] for line in (root / "eval" / "predictions.jsonl").read_text().splitlines()}
-    assert {i for i in predicted if i.startswith("classify")} == ids["test"]
-    assert evaluation.run["splits"]["commute"]["rule"] == "meta.split"
+def test_meta_split_is_honoured_by_vectors_recommend_and_evaluate(pipeline) -> None:
+    root, ids, paths, _, _ = pipeline
+    vectors = next((root / "demo" / "vectors").glob("*fine*.safetensors"))
+    from sae.vectorset import VectorSet
+
+    assert set(VectorSet.load(vectors).perspectives) == set(VIEWS)
+    predicted = {json.loads(line)["id"] for line in (paths["results"] / "predictions.jsonl").read_text().splitlines()}
+    assert predicted == ids["test"]
+    run = json.loads((paths["results"] / "run.json").read_text())
+    assert run["splits"]["commute"]["rule"] == "meta.split"
     scored = set()  # every record id recommend answered: training records only
-    for unit in (root / "work" / "recommend" / "units").rglob("*.json"):
+    for unit in (root / "demo" / "eval-work" / "recommend" / "units").rglob("*.json"):
         scored |= {oid.rsplit("|", 1)[1] for oid in json.loads(unit.read_text())["outputs"]}
-    assert scored & {i for i in ids["train"]} and not scored & ids["test"]
+    assert scored & ids["train"] and not scored & ids["test"]
 
 
 def test_recommend_ranks_every_candidate_and_writes_its_files(pipeline) -> None:
-    root, _, _, _, report, lines = pipeline
-    for name in ("commute", "commute-dist"):
-        entry = report["tasks"][name]
+    root, _, paths, entries, lines = pipeline
+    for entry in entries.values():
         names = {r["candidate"] for r in entry["ranking"]}
         assert {"zero-shot", "few-shot", "pd-dvd", "caa-fine c=4 @L15", "steer-8x-fine c=4 @L15",
                 "steer-8x-coarse c=4 @L15", "pd-dvd+steer-8x c=4 @L15"} <= names  # fmt: skip
@@ -206,14 +205,16 @@ def test_recommend_ranks_every_candidate_and_writes_its_files(pipeline) -> None:
         gains = [r["gain"] for r in entry["ranking"]]
         assert gains == sorted(gains, reverse=True)
         assert entry["few_records"]  # 8 train records per perspective: 4 held out
-        said = next(x for x in lines if x.startswith(f"recommend: {name}: ") and "Δ" in x)
-        if entry["winner"] is None:
-            assert "nothing beats zero-shot significantly" in said
-        else:
-            assert entry["winner"] in said and next(r for r in entry["ranking"] if r["recommended"])
-    text = (root / "rec" / "recommend.md").read_text()
-    assert "## commute (classify; macro-F1)" in text and "## commute-dist (distribution; JSD)" in text
-    assert json.loads((root / "rec" / "recommend.json").read_text())["tasks"].keys() == {"commute", "commute-dist"}
+    said = next(x for x in lines if x.startswith("recommend: commute-dist: ") and "Δ" in x)
+    if entries["commute-dist"]["winner"] is None:
+        assert "nothing beats zero-shot significantly" in said
+    else:
+        assert entries["commute-dist"]["winner"] in said
+    text = (root / "demo" / "recommend" / "recommend.md").read_text()
+    assert "## commute (classify; macro-F1)" in text and "Held-out records per perspective" in text
+    assert "## commute-dist (distribution; JSD)" in (root / "rec" / "recommend.md").read_text()
+    table = (paths["results"] / "table.md").read_text()  # the demo evaluated the recommendation on the test split
+    assert "## commute (classify)" in table and "steer-8x-fine" in table
 
 
 def test_the_recommended_serve_config_answers_distribution(pipeline) -> None:
@@ -221,9 +222,9 @@ def test_the_recommended_serve_config_answers_distribution(pipeline) -> None:
 
     from serve.app import run_serve
 
-    root, _, _, _, report, _ = pipeline
-    path = Path(report["tasks"]["commute"]["serve_config"])
-    assert path.is_file() and Path(report["tasks"]["commute"]["vectors_file"]).is_file()
+    root, _, paths, entries, _ = pipeline
+    path = Path(entries["commute"]["serve_config"])
+    assert path == paths["serve_config"] and path.is_file() and Path(entries["commute"]["vectors_file"]).is_file()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
