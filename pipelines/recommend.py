@@ -167,10 +167,16 @@ def winner_of(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 # -- serving the winner -----------------------------------------------------------------------------------
 def serve_settings(
-    cfg: EvalConfig, task: TaskData, win: dict[str, Any] | None, best_steered: dict[str, Any] | None, vectors: Path
+    cfg: EvalConfig,
+    task: TaskData,
+    win: dict[str, Any] | None,
+    best_steered: dict[str, Any] | None,
+    vectors: Path,
+    saes: dict[str, Path] | None = None,
 ) -> tuple[dict[str, Any], list[str]]:
     """``(ServeConfig fields, comment lines)`` serving the recommendation with the VectorSet file ``vectors``
-    (the winner's; with no steered winner, the best-ranked steered candidate's, at coefficient 0)."""
+    (the winner's; with no steered winner, the best-ranked steered candidate's, at coefficient 0); ``saes``:
+    the SAE directories by label (written as absolute paths, so the config works from any directory)."""
     shown = win if win is not None and win["coeff"] is not None else best_steered
     assert shown is not None
     mode = "caa" if shown["method"] == "caa" else "sae"
@@ -182,6 +188,8 @@ def serve_settings(
         "decoding_mode": (win or {}).get("decoding") or "dvd", "alpha": task.alpha, "tau": cfg.pd_tau,
         "top_k": cfg.pd_top_k, "dtype": cfg.dtype,
     }  # fmt: skip
+    if mode == "sae" and saes and shown["sae"] in saes:
+        fields["sae"] = str(Path(saes[shown["sae"]]).resolve())
     notes = [f"pluristeer recommend for task {task.name!r} (train split only; see recommend.md)."]
     if win is None:
         fields["coeff"] = 0.0
@@ -231,8 +239,10 @@ def run_recommend(cfg: EvalConfig, *, echo: Callable[[str], None] = print) -> di
         stats[f"L{layer}"] = {k: round(v, 1) if isinstance(v, float) else v for k, v in result.stats.items()}
         for t in tasks:
             found[t.name] += [(c, result.outputs) for c in cands if i == 0 or c.name != BASELINE]
-    report: dict[str, Any] = {"git": git, "layers": layers, "saes": {e.label: str(e.path) for e in saes},
-                              "coeffs": list(cfg.sweep_coeffs), "family_level": FAMILY_LEVEL, "tasks": {}}  # fmt: skip
+    report: dict[str, Any] = {
+        "git": git, "config": cfg.to_dict(), "layers": layers, "saes": {e.label: str(e.path) for e in saes},
+        "coeffs": list(cfg.sweep_coeffs), "family_level": FAMILY_LEVEL, "tasks": {},
+    }  # fmt: skip
     cfg.out.mkdir(parents=True, exist_ok=True)
     for t in tasks:
         rows = rank(cfg, t, found[t.name])
@@ -246,7 +256,7 @@ def run_recommend(cfg: EvalConfig, *, echo: Callable[[str], None] = print) -> di
         served = win if win is not None and win["coeff"] is not None else best_steered
         if served is not None:
             vectors = final_vectors(cfg, engine, t, train[t.name], served)
-            fields, notes = serve_settings(cfg, t, win, best_steered, vectors)
+            fields, notes = serve_settings(cfg, t, win, best_steered, vectors, paths)
             text = "".join(f"# {line}\n" for line in notes) + yaml.safe_dump(fields, sort_keys=False)
             entry["serve_config"] = str(atomic_write_text(cfg.out / f"serve-{t.name}.yaml", text))
             entry["vectors_file"] = str(vectors)

@@ -1,9 +1,11 @@
 """``pluristeer recommend``: the decision rule on outputs made in the test (no model), and a perspective JSONL
 made in the test going through vectors -> evaluate -> recommend -> serve on the embedded model with the TEST
-FIXTURE SAE (tests/sae_fixture.py)."""
+FIXTURE SAE (tests/sae_fixture.py). The sweep (``evaluate --sweep``, the same engine on the same held-out
+records) runs on the same Ray instance here, to pay for one start-up."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import socket
@@ -154,6 +156,7 @@ def pipeline(tmp_path_factory, embedded_sae):
 
     from pipelines.demo import DemoSettings, user_pipeline
     from pipelines.recommend import run_recommend
+    from pipelines.sweep import run_sweep
     from pipelines.tasks import get_task
 
     root = tmp_path_factory.mktemp("recommend")
@@ -171,15 +174,16 @@ def pipeline(tmp_path_factory, embedded_sae):
                                      "bootstrap=200", "samples=8", "sweep_coeffs=[4]", "sweep_limit=0", "track=false",
                                      f"out={root / 'rec'}", f"work_dir={root / 'work'}"])  # fmt: skip
         report = run_recommend(cfg, echo=lines.append)
+        sweep = run_sweep(dataclasses.replace(cfg, sweep_layers=[9], out=root / "sweep"), echo=lines.append)
         demo = json.loads((root / "demo" / "recommend" / "recommend.json").read_text())
-        yield root, ids, paths, {"commute": demo["tasks"]["commute"], **report["tasks"]}, lines
+        yield root, ids, paths, {"commute": demo["tasks"]["commute"], **report["tasks"]}, lines, sweep
     finally:
         ray.shutdown()
         patch.undo()
 
 
 def test_meta_split_is_honoured_by_vectors_recommend_and_evaluate(pipeline) -> None:
-    root, ids, paths, _, _ = pipeline
+    root, ids, paths, _, _, _ = pipeline
     vectors = next((root / "demo" / "vectors").glob("*fine*.safetensors"))
     from sae.vectorset import VectorSet
 
@@ -195,7 +199,7 @@ def test_meta_split_is_honoured_by_vectors_recommend_and_evaluate(pipeline) -> N
 
 
 def test_recommend_ranks_every_candidate_and_writes_its_files(pipeline) -> None:
-    root, _, paths, entries, lines = pipeline
+    root, _, paths, entries, lines, _ = pipeline
     for entry in entries.values():
         names = {r["candidate"] for r in entry["ranking"]}
         assert {"zero-shot", "few-shot", "pd-dvd", "caa-fine c=4 @L15", "steer-8x-fine c=4 @L15",
@@ -222,7 +226,7 @@ def test_the_recommended_serve_config_answers_distribution(pipeline) -> None:
 
     from serve.app import run_serve
 
-    root, _, paths, entries, _ = pipeline
+    root, _, paths, entries, _, _ = pipeline
     path = Path(entries["commute"]["serve_config"])
     assert path == paths["serve_config"] and path.is_file() and Path(entries["commute"]["vectors_file"]).is_file()
     with socket.socket() as s:
@@ -241,3 +245,17 @@ def test_the_recommended_serve_config_answers_distribution(pipeline) -> None:
         assert set(body["perspectives"]) == set(VIEWS) and abs(sum(body["combined"]["probs"]) - 1) < 1e-5
     finally:
         serve.shutdown()
+
+
+def test_the_sweep_moves_sae_and_caa_over_layers_and_picks_per_task(pipeline) -> None:
+    root, _, _, entries, _, sweep = pipeline
+    assert sweep["layers"] == [9, 15]
+    rows = [json.loads(line) for line in (root / "sweep" / "sweep.jsonl").read_text().splitlines()]
+    seen = {(r["layer"], r["mode"], r["sae"], r["coeff"]) for r in rows if r["condition"] != "zero-shot"}
+    assert seen == {(9, "caa", None, 4.0), (15, "sae", "8x", 4.0)}  # CAA only at sweep_layers, the SAE at its own
+    best = sweep["best"]["commute-dist"]
+    assert best == {"mode": "sae", "sae": "8x", "layer": 15, "coeff": 4.0, "gain": best["gain"]}
+    recommended = next(r for r in entries["commute-dist"]["ranking"] if r["candidate"] == "steer-8x-fine c=4 @L15")
+    assert best["gain"] == pytest.approx(recommended["gain"], abs=1e-4)  # one engine, the same held-out records
+    assert sweep["task_coeffs"] == {"commute-dist": 4.0}
+    assert "| commute-dist |" in (root / "sweep" / "sweep.md").read_text()
