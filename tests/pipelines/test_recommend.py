@@ -226,14 +226,14 @@ def test_the_recommended_serve_config_answers_distribution(pipeline) -> None:
 
     from serve.app import run_serve
 
-    root, _, paths, entries, _, _ = pipeline
+    _, _, paths, entries, _, _ = pipeline
     path = Path(entries["commute"]["serve_config"])
     assert path == paths["serve_config"] and path.is_file() and Path(entries["commute"]["vectors_file"]).is_file()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cfg = ServeConfig.load(path, [f"port={port}", f"registry_dir={root / 'registry'}", "backend=fused",
-                                  "replica_cpus=0.5", "aggregator_cpus=0.25"])  # fmt: skip
+    # the registry the demo's vectors stage started is the one serve uses (as for a user running both)
+    cfg = ServeConfig.load(path, [f"port={port}", "backend=fused", "replica_cpus=0.5", "aggregator_cpus=0.25"])
     assert cfg.perspectives == list(VIEWS)
     try:  # on the pipeline's Ray
         run_serve(cfg, block=False, echo=lambda _: None)
