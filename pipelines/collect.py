@@ -156,7 +156,7 @@ def corpus_dir(cfg: CollectConfig) -> Path:
     if cfg.corpus is not None:
         return cfg.corpus
 
-    return data_dir() / "corpus"
+    return data_dir(flag="--set corpus=DIR (a folder of .txt files)") / "corpus"
 
 
 def _plan_key(config: dict[str, Any]) -> dict[str, Any]:

@@ -165,12 +165,15 @@ def _cpu_has_fast_bf16() -> bool:
 class TrainingDivergedError(RuntimeError):
     """An SAE's loss or gradient became non-finite: training stops (the weights are the last finite step's)."""
 
-    def __init__(self, step: int, names: list[str], last_loss: dict[str, float | None], what: str) -> None:
+    def __init__(
+        self, step: int, names: list[str], last_loss: dict[str, float | None], what: str, detail: str = ""
+    ) -> None:
         self.step, self.names, self.last_loss, self.what = step, names, last_loss, what
         last = ", ".join(f"{n}: {last_loss.get(n)}" for n in names)
         super().__init__(
             f"training diverged at step {step}: non-finite {what} of SAE {', '.join(names)} "
             f"(last finite loss {last}); lower lr, check the store's values, or train with precision=fp32"
+            + (f"; {detail}" if detail else "")
         )
 
 
