@@ -167,7 +167,11 @@ def _check_resumable(cfg: CollectConfig, plan: dict[str, Any]) -> None:
     """Refuse to resume a store whose shards were planned differently."""
     if not (cfg.out / "manifest.json").exists():
         return
-    before = _plan_key(read_manifest(cfg.out).config)
+    manifest = read_manifest(cfg.out)
+    before, plan = _plan_key(manifest.config), dict(plan)
+    for side in (before, plan):  # auto means the dtype the store holds: a store made either way resumes
+        if side["store_dtype"] == AUTO:
+            side["store_dtype"] = manifest.dtype
     diff = {k: (before[k], plan[k]) for k in PLAN_FIELDS if before[k] != plan[k]}
     if diff:
         detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())

@@ -301,6 +301,11 @@ def test_auto_store_dtype_follows_the_measured_range_and_survives_resume(
     assert again.skipped == [0, 1] and again.manifest.dtype == "float32" and again.manifest.complete
     assert again.manifest.dtype_choice == m.dtype_choice and not any("store_dtype auto" in x for x in lines)
     assert content_hash(cfg.out) == content_hash(first.out)
+    # auto means "the dtype the store holds": naming it explicitly (or auto on an explicit store) still resumes.
+    explicit = collect(_cfg(huge_lm_dir, cfg.out, data_root, store_dtype="float32", layers=[1, 3]), echo=print)
+    assert explicit.manifest.complete and explicit.computed == []
+    with pytest.raises(StoreError, match="store_dtype: 'float32' -> 'float16'"):
+        collect(_cfg(huge_lm_dir, cfg.out, data_root, store_dtype="float16", layers=[1, 3]))
 
 
 def test_explicit_float16_overflow_fails_naming_layer_value_and_fix(

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -296,3 +297,76 @@ def test_ce_loss_recovered_far_below_explained_variance_is_flagged() -> None:
     assert "CE loss recovered -0.004 is far below explained variance 0.660" in warning
     assert flag_metrics({"explained_variance": float("nan"), "ce_loss_recovered": 0.1}) == []
     assert flag_metrics({}) == []
+
+
+def test_model_with_residuals_beyond_float16_goes_through_collect_train_vectors(
+    ray_cluster, huge_lm_dir: Path, data_root: Path, tmp_path: Path
+) -> None:
+    """Residual entries ~10^5 (beyond float16): store_dtype auto stores float32, the SAE trains on the data's
+    own scale without NaN, and its vectors are finite (VectorSet refuses NaN)."""
+    from pipelines.collect import CollectConfig, collect
+    from pipelines.vectors import VectorConfig, run_vectors
+    from sae.hooks import residuals
+    from sae.lm import load_lm
+
+    collected = collect(
+        CollectConfig.from_dict(
+            {
+                "model": str(huge_lm_dir),
+                "layers": [3],
+                "context_size": 32,
+                "n_tokens": 2048,
+                "batch_size": 4,
+                "contexts_per_shard": 16,
+                "out": tmp_path / "store",
+                "corpus": data_root / "corpus",
+                "sources": ["ag_news"],
+                "torch_threads": 1,
+                "wandb": False,
+            }
+        ),
+        echo=lambda _: None,
+    )
+    assert collected.manifest.dtype == "float32" and collected.manifest.dtype_choice["max_abs_all"] > 65504 / 4
+    result = run_train(
+        _cfg(
+            tmp_path / "store",
+            tmp_path / "train",
+            expansions=[4],
+            workers=1,
+            batch_size=256,
+            epochs=2,
+            eval_tokens=512,
+            corpus=data_root / "corpus",
+            heldout="after_store",
+        )
+    )
+    (name,) = result.sae_dirs
+    m = {**result.metrics[name]["train"], **result.metrics[name]["eval"]}
+    assert all(math.isfinite(m[k]) for k in ("loss", "explained_variance", "mse", "ce_loss_recovered")), m
+    assert m["explained_variance"] > 0.2 and m["dead_fraction"] < 0.9
+    training = json.loads((result.sae_dirs[name] / "training.json").read_text())
+    assert training["normalizer_scale"] < 1e-3 and isinstance(training["warnings"], list)
+
+    model, _ = load_lm(str(huge_lm_dir))
+    sae = SparseAutoencoder.load(result.sae_dirs[name])
+    h = residuals(model, [3], torch.tensor([[1, 5, 9, 13, 17, 21]]))[3][0, 1:]
+    assert h.abs().max() > 65504 and torch.isfinite(sae(h)).all()
+
+    run = run_vectors(
+        VectorConfig.from_dict(
+            {
+                "sae": str(result.sae_dirs[name]),
+                "model": str(huge_lm_dir),
+                "task": str(REPO / "examples" / "transport-views.jsonl"),
+                "samples": 4,
+                "max_perspectives": 2,
+                "publish": False,
+                "track": False,
+                "out": str(tmp_path / "vectors"),
+                "device": "cpu",
+            }
+        )
+    )
+    for vectors in run.sets.values():
+        assert all(torch.isfinite(v).all() and v.abs().sum() > 0 for v in vectors.vectors.values())
