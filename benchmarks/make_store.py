@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipelines.contexts import iter_contexts
 from pipelines.corpus import iter_documents
 from pipelines.store import ActivationStore, Manifest, RunningStats, StoreWriter, write_shard
-from pipelines.train import pack_contexts
 from sae.hooks import residuals
 
 
@@ -49,7 +49,7 @@ def make_store(
     if writer.manifest.complete:
         return ActivationStore(out)
     stats = RunningStats(d_model)
-    contexts = pack_contexts(tokenizer, iter_documents(corpus), context_size)
+    contexts = iter_contexts(tokenizer, iter_documents(corpus), context_size)  # as collection packs
     for _ in range(skip_contexts):
         next(contexts)
     rows: list[np.ndarray] = []
@@ -71,7 +71,7 @@ def make_store(
         batch = [c for _, c in zip(range(batch_size), contexts, strict=False)]
         if not batch:
             raise ValueError(f"the corpus {corpus} ran out after {written + pending} tokens")
-        ids = torch.tensor(batch)
+        ids = torch.from_numpy(np.stack(batch).astype(np.int64))
         h = residuals(model, [layer], ids)[layer][:, 1:].float()  # drop position 0
         norms = h.norm(dim=-1)
         keep = norms <= outlier * norms.median()

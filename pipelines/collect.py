@@ -7,6 +7,13 @@ on GPU or fractional CPUs), and records each finished shard in the manifest (the
 the shards ``0..K`` hold at least ``n_tokens`` rows, shard ``K`` is truncated so the store holds exactly
 ``n_tokens`` rows, statistics are merged from the shard footers, and the manifest is marked complete.
 
+Store dtype: ``store_dtype: auto`` (the default) runs the first shard's contexts through the model once
+before any shard is written (:func:`pipelines.collect_worker.probe_range`, a Ray task with an actor's
+resources) and picks float16 when the max ``|value|`` times :data:`AUTO_HEADROOM` fits float16's range, else
+float32 (Parquet has no bfloat16); the choice and the measured range are recorded in the manifest
+(``dtype``, ``dtype_choice``) before the first shard, and a resumed run keeps it. Every shard is still checked
+before it is written (non-finite values, values beyond the dtype's range: an error naming the layer and fix).
+
 Resume: complete shards are listed in the manifest and never recomputed; anything else on disk (a shard
 an actor wrote after the driver died, a temp file) is recomputed or removed. A dead actor is restarted
 by Ray and its shard retried (``max_restarts`` / ``max_task_retries``).
@@ -29,18 +36,20 @@ import ray.data
 
 from common.config import ConfigError, StageConfig, check
 from common.raycluster import init_ray
-from pipelines.collect_worker import ResidualWorker, WorkerSpec
+from pipelines.collect_worker import ResidualWorker, WorkerSpec, probe_range
 from pipelines.contexts import plan_contexts
 from pipelines.corpus import SOURCES, iter_documents
 from pipelines.datasets import data_dir
 from pipelines.records import DataError
 from pipelines.store import (
+    MANIFEST,
     Manifest,
     RunningStats,
     ShardInfo,
     StoreError,
     StoreWriter,
     _to_numpy,
+    dtype_max,
     layer_column,
     read_manifest,
     read_shard_metadata,
@@ -50,6 +59,11 @@ from pipelines.tracking import Tracker
 from sae.lm import _not_found, load_tokenizer, resolve_model
 
 _DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+AUTO = "auto"
+# store_dtype=auto picks float16 only when the probe's max |value| times this still fits (later text may
+# reach further than the first shard's; a shard that does not fit fails with the fix rather than storing inf).
+AUTO_HEADROOM = 4.0
+PROBE_CONTEXTS = 64  # at most this many of the first shard's contexts are probed
 # Config fields that decide what a shard holds: a resumed run must agree on them.
 PLAN_FIELDS = (
     "model",
@@ -75,7 +89,8 @@ class CollectConfig(StageConfig):
     batch_size: int = 32  # contexts per forward
     contexts_per_shard: int = 64  # a shard = this many consecutive contexts (the unit of resume)
     dtype: Literal["float32", "float16", "bfloat16", "fp32", "fp16", "bf16"] = "float32"
-    store_dtype: Literal["float16", "float32", "fp16", "fp32"] = "float16"
+    # what the shards hold; auto: float16 when the measured range fits (with AUTO_HEADROOM), else float32
+    store_dtype: Literal["auto", "float16", "float32", "fp16", "fp32"] = "auto"
     out: Path = Path("runs/activations")
     corpus: Path | None = None  # default: <data>/corpus
     sources: list[str] = field(default_factory=lambda: list(SOURCES))  # for the built-in corpus layout
@@ -141,7 +156,7 @@ def corpus_dir(cfg: CollectConfig) -> Path:
     if cfg.corpus is not None:
         return cfg.corpus
 
-    return data_dir() / "corpus"
+    return data_dir(flag="--set corpus=DIR (a folder of .txt files)") / "corpus"
 
 
 def _plan_key(config: dict[str, Any]) -> dict[str, Any]:
@@ -152,7 +167,11 @@ def _check_resumable(cfg: CollectConfig, plan: dict[str, Any]) -> None:
     """Refuse to resume a store whose shards were planned differently."""
     if not (cfg.out / "manifest.json").exists():
         return
-    before = _plan_key(read_manifest(cfg.out).config)
+    manifest = read_manifest(cfg.out)
+    before, plan = _plan_key(manifest.config), dict(plan)
+    for side in (before, plan):  # auto means the dtype the store holds: a store made either way resumes
+        if side["store_dtype"] == AUTO:
+            side["store_dtype"] = manifest.dtype
     diff = {k: (before[k], plan[k]) for k in PLAN_FIELDS if before[k] != plan[k]}
     if diff:
         detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
@@ -320,6 +339,62 @@ def _stream(
         yield {k: (v.item() if isinstance(v, np.generic) else v) for k, v in row.items()}
 
 
+def _manifest(
+    cfg: CollectConfig,
+    name: str,
+    revision: str | None,
+    d_model: int,
+    store_dtype: str,
+    choice: dict[str, Any],
+    config: dict[str, Any],
+) -> Manifest:
+    return Manifest(
+        model=name,
+        revision=revision,
+        layers=list(cfg.layers),
+        d_model=d_model,
+        dtype=store_dtype,
+        context_size=cfg.context_size,
+        n_tokens=cfg.n_tokens,
+        config=config,
+        dtype_choice=choice,
+    )
+
+
+def _probe(cfg: CollectConfig, spec: WorkerSpec, input_ids: np.ndarray, use_gpu: bool) -> dict[str, Any]:
+    """:func:`probe_range` as a Ray task with a model actor's resources (where the actors would run)."""
+    task = ray.remote(probe_range).options(
+        num_cpus=cfg.actor_cpus,
+        num_gpus=cfg.actor_gpus if use_gpu else 0,
+        resources=dict(cfg.actor_resources) or None,
+        max_retries=0,
+    )
+    return ray.get(task.remote(spec.to_dict(), input_ids))
+
+
+def choose_store_dtype(probe: dict[str, Any], compute_dtype: str = "float32") -> tuple[str, dict[str, Any]]:
+    """``(dtype, record)`` for ``store_dtype: auto`` from :func:`probe_range`'s measurement: float16 when
+    ``max |value| · AUTO_HEADROOM`` fits its range, else float32; non-finite residuals are an error."""
+    bad = {layer: n for layer, n in probe["nonfinite"].items() if n}
+    if bad:
+        raise StoreError(
+            f"the model's residuals hold non-finite values (inf/NaN) at layers {sorted(bad)} in the first "
+            f"{probe['contexts']} contexts with dtype={compute_dtype}: collect with --set dtype=float32"
+        )
+    peak = max(probe["max_abs"].values(), default=0.0)
+    dtype = "float16" if peak * AUTO_HEADROOM <= dtype_max("float16") else "float32"
+    record = {
+        "requested": AUTO,
+        "chosen": dtype,
+        "probe_contexts": probe["contexts"],
+        "max_abs": probe["max_abs"],
+        "max_abs_all": peak,
+        "headroom": AUTO_HEADROOM,
+        "float16_max": dtype_max("float16"),
+    }
+    return dtype, record
+
+
 def collect(cfg: CollectConfig, *, echo: Callable[[str], None] = print) -> CollectResult:
     """Collect ``cfg.n_tokens`` rows of residuals into ``cfg.out`` (resuming what is there)."""
 
@@ -331,26 +406,20 @@ def collect(cfg: CollectConfig, *, echo: Callable[[str], None] = print) -> Colle
         raise ConfigError(f"layers: {bad} out of range; {name} has {n_layers} blocks (0..{n_layers - 1})")
     config = {**cfg.to_dict(), "corpus": str(corpus)}
     _check_resumable(cfg, _plan_key(config))
-    manifest = Manifest(
-        model=name,
-        revision=revision,
-        layers=list(cfg.layers),
-        d_model=d_model,
-        dtype=cfg.store_dtype,
-        context_size=cfg.context_size,
-        n_tokens=cfg.n_tokens,
-        config=config,
-    )
-    writer = StoreWriter(cfg.out, manifest)
-    skipped = sorted(writer.done())
-    result = CollectResult(cfg.out, writer.manifest, [], skipped, 0.0, 0, set(), [])
-    if writer.manifest.complete:
-        echo(f"collect: {cfg.out} is already complete ({writer.manifest.rows:,} tokens)")
-        result.seconds = time.perf_counter() - started
-        return result
+    store_dtype, choice = cfg.store_dtype, {}
+    if store_dtype == AUTO and (cfg.out / MANIFEST).exists():  # a resumed run keeps the dtype chosen before shard 0
+        existing = read_manifest(cfg.out)
+        store_dtype, choice = existing.dtype, existing.dtype_choice
+    writer = None  # with auto on a new store: created once the probe chose the dtype, before any shard
+    if store_dtype != AUTO:
+        writer = StoreWriter(cfg.out, _manifest(cfg, name, revision, d_model, store_dtype, choice, config))
+        if writer.manifest.complete:
+            echo(f"collect: {cfg.out} is already complete ({writer.manifest.rows:,} tokens)")
+            seconds = time.perf_counter() - started
+            return CollectResult(cfg.out, writer.manifest, [], sorted(writer.done()), seconds, 0, set(), [])
 
     tokenizer = load_tokenizer(cfg.model)
-    done = writer.done()
+    done = writer.done() if writer is not None else {}
     # Plan the first round before Ray starts, so that a corpus too small fails fast.
     todo = _schedule(done, cfg) if _prefix(done, cfg.n_tokens) is None else []
     contexts = _plan(tokenizer, corpus, cfg, todo)
@@ -364,7 +433,7 @@ def collect(cfg: CollectConfig, *, echo: Callable[[str], None] = print) -> Colle
         model=cfg.model,
         layers=list(cfg.layers),
         dtype=cfg.dtype,
-        store_dtype=cfg.store_dtype,
+        store_dtype="float32" if store_dtype == AUTO else store_dtype,
         out=str(cfg.out.resolve()),
         batch_size=cfg.batch_size,
         contexts_per_shard=cfg.contexts_per_shard,
@@ -374,6 +443,18 @@ def collect(cfg: CollectConfig, *, echo: Callable[[str], None] = print) -> Colle
         threads=cfg.torch_threads,
         actors_per_node=per_node,
     )
+    if store_dtype == AUTO:
+        probe = _probe(cfg, spec, contexts[: min(cfg.contexts_per_shard, PROBE_CONTEXTS)], use_gpu)
+        store_dtype, choice = choose_store_dtype(probe, cfg.dtype)
+        spec.store_dtype = store_dtype
+        echo(
+            f"collect: store_dtype auto -> {store_dtype} "
+            f"(max |value| {choice['max_abs_all']:,.1f} in {probe['contexts']} contexts)"
+        )
+        writer = StoreWriter(cfg.out, _manifest(cfg, name, revision, d_model, store_dtype, choice, config))
+    assert writer is not None
+    skipped = sorted(done)
+    result = CollectResult(cfg.out, writer.manifest, [], skipped, 0.0, 0, set(), [])
     progress = Progress(cfg.n_tokens, sum(s.rows for s in done.values()), echo=echo)
     echo(
         f"collect: {name} layers {cfg.layers} -> {cfg.out} ({len(done)} shards done), {cfg.num_actors} actor(s) "
@@ -386,6 +467,8 @@ def collect(cfg: CollectConfig, *, echo: Callable[[str], None] = print) -> Colle
                 contexts = _plan(tokenizer, corpus, cfg, todo)
             before = len(done)
             for row in _stream(cfg, spec, todo, contexts, use_gpu):
+                if row["error"]:  # the actor refused the shard's values (see write_shard): nothing was written
+                    raise StoreError(f"{cfg.out}: {row['error']}")
                 info = ShardInfo(index=row["shard"], name=row["name"], rows=row["rows"], sha256=row["sha256"])
                 writer.record(info)
                 done[info.index] = info
@@ -407,7 +490,7 @@ def collect(cfg: CollectConfig, *, echo: Callable[[str], None] = print) -> Colle
         need = cfg.n_tokens - sum(s.rows for s in final[:-1])
         writer.forget([i for i in done if i >= last])  # the last shard is rewritten below
         if final[-1].rows > need:
-            final[-1] = _truncate(cfg.out, final[-1], need, cfg.layers, cfg.store_dtype, cfg.compression)
+            final[-1] = _truncate(cfg.out, final[-1], need, cfg.layers, store_dtype, cfg.compression)
         stats, dropped = _merge(cfg.out, final, cfg.layers)
         writer.record(final[-1], save=False)
         manifest = writer.finalize(stats, {**dropped, "outlier_factor": cfg.outlier_factor})
@@ -426,4 +509,4 @@ def collect(cfg: CollectConfig, *, echo: Callable[[str], None] = print) -> Colle
         return result
 
 
-__all__ = ["CollectConfig", "CollectResult", "Progress", "collect"]
+__all__ = ["CollectConfig", "CollectResult", "Progress", "choose_store_dtype", "collect"]

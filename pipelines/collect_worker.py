@@ -3,7 +3,9 @@
 ``ResidualWorker`` is the callable class handed to Ray Data's ``map_batches``. Each call gets whole
 shards (``shard`` index + planned ``input_ids``), runs the LM up to the deepest requested layer in
 mini-batches, drops BOS and outlier-norm positions, writes the shard atomically (its statistics and
-drop counts in the Parquet footer) and returns one small row per shard for the driver to record.
+drop counts in the Parquet footer; :func:`pipelines.store.write_shard` checks the values are finite and
+within the store dtype's range first) and returns one small row per shard for the driver to record.
+:func:`probe_range` measures the residuals' range on a few contexts, for ``store_dtype: auto``.
 """
 
 from __future__ import annotations
@@ -16,11 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipelines.store import RunningStats, write_shard
+from pipelines.store import RunningStats, StoreError, write_shard
 from sae.hooks import residuals
 from sae.lm import load_lm
-
-STORE_TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
 def actor_threads(threads: int, actors_per_node: int) -> int:
@@ -83,19 +83,29 @@ class ResidualWorker:
         self.node = _node_id()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows = [self.process(int(i), ids) for i, ids in zip(batch["shard"], batch["input_ids"], strict=True)]
+        rows = [self.guarded(int(i), ids) for i, ids in zip(batch["shard"], batch["input_ids"], strict=True)]
         return {key: np.asarray([r[key] for r in rows]) for key in rows[0]}
+
+    def guarded(self, index: int, input_ids: np.ndarray) -> dict[str, Any]:
+        """:meth:`process`, with a :class:`StoreError` (values refused before writing) returned in the row's
+        ``error`` field: Ray Data would hand the driver only its traceback text."""
+        try:
+            return {**self.process(index, input_ids), "error": ""}
+        except StoreError as err:
+            blank = {"shard": index, "name": "", "rows": 0, "sha256": "", "tokens": 0, "bos": 0, "outlier": 0}
+            return {**blank, "node": self.node, "pid": os.getpid(), "started": 0.0, "finished": 0.0,
+                    "forward_s": 0.0, "error": str(err)}  # fmt: skip
 
     @torch.inference_mode()
     def forward(self, input_ids: np.ndarray) -> tuple[dict[int, torch.Tensor], torch.Tensor, int]:
-        """Kept residual rows per layer (stored dtype, on CPU), the keep mask, and the outlier count."""
+        """Kept residual rows per layer (float32, on CPU: the store dtype is applied after the range check),
+        the keep mask, and the outlier count."""
         spec = self.spec
         ids = torch.tensor(input_ids, dtype=torch.long, device=spec.device)  # a copy: Ray's batch is read-only
         res = residuals(self.model, spec.layers, ids)
         norms = torch.stack([res[layer].float().norm(dim=-1) for layer in spec.layers], dim=-1)
         keep, n_outliers = select_positions(norms, spec.outlier_factor)
-        store = STORE_TORCH_DTYPES[spec.store_dtype]
-        kept = {layer: res[layer][keep].to(store).cpu() for layer in spec.layers}
+        kept = {layer: res[layer][keep].float().cpu() for layer in spec.layers}
         return kept, keep.cpu(), n_outliers
 
     def process(self, index: int, input_ids: np.ndarray) -> dict[str, Any]:
@@ -156,6 +166,22 @@ class ResidualWorker:
         }
 
 
+def probe_range(spec: dict[str, Any], input_ids: np.ndarray) -> dict[str, Any]:
+    """Per layer, the max ``|value|`` and the non-finite count of the kept residuals of ``input_ids``
+    (``[contexts, ctx]``), computed as :class:`ResidualWorker` computes a shard."""
+    worker = ResidualWorker(spec)
+    peaks: dict[str, float] = {}
+    nonfinite: dict[str, int] = {}
+    for start in range(0, len(input_ids), worker.spec.batch_size):
+        kept, _, _ = worker.forward(input_ids[start : start + worker.spec.batch_size])
+        for layer, rows in kept.items():
+            finite = torch.isfinite(rows)
+            nonfinite[str(layer)] = nonfinite.get(str(layer), 0) + int((~finite).sum())
+            peak = float(rows[finite].abs().max()) if finite.any() else 0.0
+            peaks[str(layer)] = max(peaks.get(str(layer), 0.0), peak)
+    return {"contexts": len(input_ids), "max_abs": peaks, "nonfinite": nonfinite}
+
+
 def _node_id() -> str:
     try:
         import ray
@@ -165,4 +191,4 @@ def _node_id() -> str:
         return "local"
 
 
-__all__ = ["ResidualWorker", "WorkerSpec", "select_positions"]
+__all__ = ["ResidualWorker", "WorkerSpec", "probe_range", "select_positions"]

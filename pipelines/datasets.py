@@ -1,6 +1,7 @@
 """Loaders: each data set in the data directory -> perspective records, with the seeded splits of DESIGN §5.
 
-The data directory is an argument or the ``PLURISTEER_DATA`` environment variable. Loaders:
+The data directory is an argument, the ``PLURISTEER_DATA`` environment variable, or ``../shared/data`` beside
+the checkout (:data:`DEFAULT_DATA`). Loaders:
 
 - ``globalopinionqa``: one distribution record per (question, country); 200 items (seed 42) train.
 - ``crehate``: one classify record per (post, annotator country); the authors' train/valid/test split.
@@ -43,14 +44,24 @@ MISLC_OPTIONS = ("No", "Yes", "Unsure")  # reference LABEL_MAPPINGS['mislc'] = {
 TRUTH_LEVELS = ("pants-on-fire", "false", "mostly-false", "half-true", "mostly-true", "true")
 
 
-def data_dir(path: str | Path | None = None) -> Path:
-    """The data directory: ``path`` if given, else ``$PLURISTEER_DATA``; it must exist."""
-    chosen = path if path is not None else os.environ.get(DATA_ENV)
-    if not chosen:
-        raise DataError(f"no data directory: pass --data-dir or set {DATA_ENV} (e.g. {DATA_ENV}=../shared/data)")
-    root = Path(chosen).expanduser()
+# The default data directory: ../shared/data beside the repository checkout (as the README says).
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def data_dir(path: str | Path | None = None, *, flag: str | None = None) -> Path:
+    """The data directory: ``path`` if given, else ``$PLURISTEER_DATA``, else :data:`DEFAULT_DATA`
+    (``../shared/data`` beside the checkout); it must exist. ``flag`` names the calling stage's own option
+    for the error message (e.g. ``--set corpus=DIR``)."""
+    how = f"set {DATA_ENV}=/path/to/data" + (f" or pass {flag}" if flag else " (data and demo: --data-dir)")
+    if path is not None:
+        chosen, origin = Path(path), "--data-dir"
+    elif os.environ.get(DATA_ENV):
+        chosen, origin = Path(os.environ[DATA_ENV]), DATA_ENV
+    else:
+        chosen, origin = DEFAULT_DATA, "the default, ../shared/data beside the checkout"
+    root = chosen.expanduser()
     if not root.is_dir():
-        raise DataError(f"data directory {root} does not exist (from {'--data-dir' if path else DATA_ENV})")
+        raise DataError(f"no data directory: {root} ({origin}) does not exist; {how}")
     return root
 
 

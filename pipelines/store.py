@@ -5,6 +5,10 @@ Shard columns: ``layer_{L}`` (fixed-size list of ``d_model`` floats, fp16 or fp3
 ``token_id`` (int32), ``context`` (int64, global context index) and ``position`` (int16) so rows can be
 traced back to their text. Shards are named ``shard-{index:05d}.parquet``; the manifest lists the
 complete ones with their row count and sha256, so a rerun skips them.
+
+Numerics: :func:`write_shard` refuses activations with non-finite values or with values beyond the store
+dtype's range (a float16 cast would turn them into inf silently), and readers refuse non-finite rows, naming
+the shard. Parquet and numpy have no bfloat16, so a store holds float16 or float32.
 """
 
 from __future__ import annotations
@@ -27,6 +31,11 @@ MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 STORE_DTYPES = {"float16": np.float16, "float32": np.float32}
 SHARD_METADATA_KEY = "pluristeer"
+
+
+def dtype_max(dtype: str) -> float:
+    """The largest finite value of store dtype ``dtype`` (65,504 for float16)."""
+    return float(np.finfo(STORE_DTYPES[dtype]).max)
 
 
 class StoreError(ValueError):
@@ -66,6 +75,7 @@ class Manifest:
     complete: bool = False
     stats: dict[str, dict[str, Any]] = field(default_factory=dict)  # per layer: mean, std, mean_norm
     config: dict[str, Any] = field(default_factory=dict)
+    dtype_choice: dict[str, Any] = field(default_factory=dict)  # how store_dtype=auto chose dtype (measured range)
     format_version: int = FORMAT_VERSION
 
     @property
@@ -242,6 +252,39 @@ class StoreWriter:
         atomic_write_json(self.root / MANIFEST, self.manifest.to_dict())
 
 
+def check_values(index: int, acts: dict[int, np.ndarray], dtype: str) -> None:
+    """Refuse shard ``index`` before it is written: a non-finite value, or ``|value|`` beyond ``dtype``'s range,
+    at any layer is a :class:`StoreError` naming the layer, the max ``|value|`` and the fix."""
+    limit = dtype_max(dtype)
+    for layer, a in sorted(acts.items()):
+        a32 = np.asarray(a, dtype=np.float32)
+        finite = np.isfinite(a32)
+        if not finite.all():
+            raise StoreError(
+                f"shard {index}, layer {layer}: {int((~finite).sum())} non-finite values (inf/NaN) in the model's "
+                "residuals before storing: the forward overflowed; collect with --set dtype=float32"
+            )
+        peak = float(np.abs(a32).max()) if a32.size else 0.0
+        if peak > limit:
+            raise StoreError(
+                f"shard {index}, layer {layer}: max |value| {peak:,.0f} is beyond {dtype}'s range ({limit:,.0f}) "
+                f"and would be stored as inf: collect into a new directory with --set store_dtype=float32 "
+                f"(or store_dtype=auto, which measures the range first)"
+            )
+
+
+def check_finite(rows: np.ndarray, where: str | Path, column: str) -> np.ndarray:
+    """``rows`` if every value is finite, else a :class:`StoreError` naming the shard and column."""
+    bad = ~np.isfinite(rows)
+    if bad.any():
+        raise StoreError(
+            f"{where}: column {column} holds {int(bad.sum())} non-finite values (inf/NaN) in "
+            f"{int(bad.any(axis=-1).sum())} rows: the store is unusable for training; recollect it "
+            "(pluristeer collect checks the range before writing; --set store_dtype=float32 for large residuals)"
+        )
+    return rows
+
+
 def write_shard(
     root: str | Path,
     index: int,
@@ -257,6 +300,7 @@ def write_shard(
     (read it back with :func:`read_shard_metadata`). Returns its :class:`ShardInfo`."""
     if dtype not in STORE_DTYPES:
         raise StoreError(f"dtype must be one of {sorted(STORE_DTYPES)}, got {dtype!r}")
+    check_values(index, acts, dtype)
     rows = {a.shape[0] for a in acts.values()} | {len(v) for v in extra.values()}
     if len(rows) != 1:
         raise StoreError(f"shard {index}: columns have different row counts {sorted(rows)}")
@@ -357,7 +401,8 @@ class ActivationStore:
         column = self._check_layer(layer)
         parts, total = [], 0
         for s in self.manifest.shards:
-            parts.append(_to_numpy(self.read_shard(s, [column]).column(column), self.d_model))
+            rows = _to_numpy(self.read_shard(s, [column]).column(column), self.d_model)
+            parts.append(check_finite(rows, self.root / s.name, column))
             total += parts[-1].shape[0]
             if limit is not None and total >= limit:
                 break
@@ -425,6 +470,7 @@ class ActivationStore:
         np_rng = np.random.default_rng(rng.getrandbits(63))
         for s, start, stop in self._rank_slices(rank, world_size, shards, drop_last):
             rows = _to_numpy(self.read_shard(s, [column]).column(column), self.d_model)[start:stop]
+            check_finite(rows, self.root / s.name, column)
             buffer = np.concatenate([buffer, rows.astype(np.float32)])
             if shuffle_window and len(buffer) >= window:
                 buffer = buffer[np_rng.permutation(len(buffer))]
@@ -456,4 +502,14 @@ class ActivationStore:
         return total / max(len(self), 1)
 
 
-__all__ = ["ActivationStore", "Manifest", "RunningStats", "ShardInfo", "StoreError", "StoreWriter"]
+__all__ = [
+    "ActivationStore",
+    "Manifest",
+    "RunningStats",
+    "ShardInfo",
+    "StoreError",
+    "StoreWriter",
+    "check_finite",
+    "check_values",
+    "dtype_max",
+]

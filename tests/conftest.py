@@ -132,6 +132,21 @@ def tiny_lm_dir(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def huge_lm_dir(tiny_lm_dir, tmp_path_factory) -> Path:
+    """The tiny Llama with its embeddings scaled 10^6x: residual entries reach ~10^5, beyond float16's 65,504
+    (as some real families' residual norms in the thousands do), while the logits stay finite (RMSNorm)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = tmp_path_factory.mktemp("huge-lm")
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(1e6)
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_lm_dir).save_pretrained(path)
+    return path
+
+
 def synthetic_store(
     root: Path,
     *,

@@ -269,3 +269,52 @@ def test_embedded_small_slice(local_ray, embedded, data_root, tmp_path) -> None:
     assert len(batches) == store.batches_per_epoch(64, world_size=3) == 2 and batches[0].dtype == torch.float32
     torch_batch = next(iter(store.ray_dataset().iter_torch_batches(batch_size=32, local_shuffle_buffer_size=64)))
     assert torch_batch["layer_15"].shape == (32, 576)
+
+
+def test_auto_store_dtype_follows_the_measured_range_and_survives_resume(
+    local_ray, tiny_lm_dir, huge_lm_dir, data_root, tmp_path
+) -> None:
+    small = collect(_cfg(tiny_lm_dir, tmp_path / "small", data_root, store_dtype="auto", layers=[3]), echo=print)
+    assert small.manifest.dtype == "float16" and small.manifest.dtype_choice["chosen"] == "float16"
+    assert small.manifest.dtype_choice["max_abs"]["3"] * 4 < 65504
+
+    lines: list[str] = []
+    cfg = _cfg(huge_lm_dir, tmp_path / "huge", data_root, store_dtype="auto", layers=[1, 3])
+    first = collect(cfg, echo=lines.append)
+    m = first.manifest
+    assert m.dtype == "float32" and m.dtype_choice["max_abs_all"] > 65504 / 4
+    assert any("store_dtype auto -> float32" in line for line in lines)
+    store = ActivationStore(cfg.out)
+    acts = store.read(3).numpy()
+    assert np.isfinite(acts).all() and np.abs(acts).max() > 65504  # would have been inf in float16
+    assert str(pq.read_schema(cfg.out / m.shards[0].name).field("layer_3").type.value_type) == "float"
+
+    # Resume: a store cut back to its first two shards keeps the recorded dtype and does not probe again.
+    from pipelines.store import StoreWriter
+
+    writer = StoreWriter(cfg.out, read_manifest(cfg.out))
+    writer.forget([s.index for s in m.shards if s.index >= 2], save=False)
+    writer.manifest.complete = False
+    writer._save()
+    lines.clear()
+    again = collect(cfg, echo=lines.append)
+    assert again.skipped == [0, 1] and again.manifest.dtype == "float32" and again.manifest.complete
+    assert again.manifest.dtype_choice == m.dtype_choice and not any("store_dtype auto" in x for x in lines)
+    assert content_hash(cfg.out) == content_hash(first.out)
+    # auto means "the dtype the store holds": naming it explicitly (or auto on an explicit store) still resumes.
+    explicit = collect(_cfg(huge_lm_dir, cfg.out, data_root, store_dtype="float32", layers=[1, 3]), echo=print)
+    assert explicit.manifest.complete and explicit.computed == []
+    with pytest.raises(StoreError, match="store_dtype: 'float32' -> 'float16'"):
+        collect(_cfg(huge_lm_dir, cfg.out, data_root, store_dtype="float16", layers=[1, 3]))
+
+
+def test_explicit_float16_overflow_fails_naming_layer_value_and_fix(
+    local_ray, huge_lm_dir, data_root, tmp_path
+) -> None:
+    cfg = _cfg(huge_lm_dir, tmp_path / "fp16", data_root, store_dtype="float16", layers=[3])
+    with pytest.raises(StoreError) as info:
+        collect(cfg, echo=lambda _: None)
+    message = str(info.value)
+    assert "layer 3" in message and "max |value|" in message and "--set store_dtype=float32" in message
+    assert not list(cfg.out.glob("shard-*.parquet"))  # nothing with inf was written
+    assert read_manifest(cfg.out).shards == []

@@ -75,12 +75,19 @@ def test_definitions_and_protected_groups(data_root: Path) -> None:
     assert len(ds.load_protected_groups(data_root)) == 23
 
 
-def test_data_dir_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch, data_root: Path) -> None:
+def test_data_dir_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch, data_root: Path, tmp_path: Path) -> None:
     monkeypatch.setenv(ds.DATA_ENV, str(data_root))
     assert len(BUNDLED["crehate"].records("test")) == 1185
     monkeypatch.delenv(ds.DATA_ENV)
-    with pytest.raises(DataError, match="PLURISTEER_DATA"):
+    assert Path(ds.__file__).resolve().parents[2] / "shared" / "data" == ds.DEFAULT_DATA  # ../shared/data
+    monkeypatch.setattr(ds, "DEFAULT_DATA", data_root)
+    assert ds.data_dir() == data_root  # the default, without the variable
+    monkeypatch.setattr(ds, "DEFAULT_DATA", tmp_path / "nope")
+    with pytest.raises(DataError, match="PLURISTEER_DATA") as info:
         BUNDLED["crehate"].records("test")
+    assert "../shared/data" in str(info.value) and str(tmp_path / "nope") in str(info.value)
+    with pytest.raises(DataError, match=r"--set corpus=DIR"):
+        ds.data_dir(flag="--set corpus=DIR")
     with pytest.raises(DataError, match="neither a bundled task"):
         get_task("nope")
 

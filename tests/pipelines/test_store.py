@@ -123,3 +123,37 @@ def test_shard_footer_metadata_and_leftovers(tmp_path: Path) -> None:
     stats = RunningStats(8)
     stats.update(acts[1])
     assert RunningStats.from_state(stats.state()).to_dict() == stats.to_dict()
+
+
+def _extra(n: int) -> dict[str, np.ndarray]:
+    return {
+        "token_id": np.zeros(n, np.int32),
+        "context": np.arange(n, dtype=np.int64),
+        "position": np.ones(n, np.int16),
+    }
+
+
+def test_write_shard_refuses_values_beyond_the_dtype_and_non_finite_ones(tmp_path: Path) -> None:
+    from pipelines.store import dtype_max
+
+    assert dtype_max("float16") == 65504.0
+    big = np.full((4, 8), 1.0, np.float32)
+    big[2, 5] = 70_000.0
+    with pytest.raises(StoreError) as info:
+        write_shard(tmp_path, 3, {9: big}, _extra(4), "float16")
+    assert "shard 3, layer 9: max |value| 70,000" in str(info.value) and "--set store_dtype=float32" in str(info.value)
+    write_shard(tmp_path, 3, {9: big}, _extra(4), "float32")  # fits float32
+    bad = big.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(StoreError, match=r"shard 4, layer 9: 1 non-finite values .* --set dtype=float32"):
+        write_shard(tmp_path, 4, {9: bad}, _extra(4), "float32")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-00003.parquet"]  # nothing else written
+
+
+def test_manifest_records_the_dtype_choice(tmp_path: Path) -> None:
+    choice = {"requested": "auto", "chosen": "float32", "max_abs_all": 90_000.0}
+    StoreWriter(tmp_path, _manifest(dtype="float32", dtype_choice=choice))
+    from pipelines.store import read_manifest
+
+    assert read_manifest(tmp_path).dtype_choice == choice
+    assert read_manifest(tmp_path).identity()["dtype"] == "float32"

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -15,14 +16,16 @@ import torch
 import yaml
 
 from common.config import ConfigError
+from pipelines.contexts import plan_contexts
 from pipelines.corpus import iter_documents
-from pipelines.store import ActivationStore
+from pipelines.store import ActivationStore, StoreError
 from pipelines.train import (
     TrainConfig,
     TrainResult,
+    check_store_finite,
     evaluate_saes,
+    flag_metrics,
     heldout_input_ids,
-    pack_contexts,
     run_train,
     stream_batches,
 )
@@ -93,12 +96,12 @@ def test_heldout_text_is_the_tail_of_the_corpus(tmp_path: Path) -> None:
         (tmp_path / f"doc{i:02d}.txt").write_text(f"Document number {i}. " * 40)
     tokenizer = load_tokenizer("embedded")
     ids = heldout_input_ids(tokenizer, tmp_path, 200, 64)
-    assert ids.shape == (4, 64)
+    assert ids.shape == (4, 64) and (ids[:, 0] == tokenizer.bos_token_id).all()  # packed as collection packs
     text = tokenizer.decode(ids[-1])
     assert "Document number 29" in text and "Document number 0." not in tokenizer.decode(ids.flatten())
     after = heldout_input_ids(tokenizer, tmp_path, 100, 64, skip_contexts=3)
-    packed = list(pack_contexts(tokenizer, iter_documents(tmp_path), 64))
-    assert after.tolist() == packed[3:5]
+    planned = plan_contexts(tokenizer, iter_documents(tmp_path), 64, 5)  # what collection plans (one packer)
+    assert after.tolist() == planned[3:5].tolist()
 
 
 def test_evaluate_saes_reports_reconstruction_and_ce(tiny_llama) -> None:
@@ -222,3 +225,148 @@ def test_killed_driver_resumes_from_its_last_checkpoint(ray_cluster, tiny_store:
     uninterrupted = SparseAutoencoder.load(reference.sae_dirs["topk-4x-k4"])
     for name, tensor in resumed.state_dict().items():
         assert torch.equal(tensor, uninterrupted.state_dict()[name]), name
+
+
+def _poison(store_dir: Path, shard: int, layer: int = 3) -> None:
+    """Rewrite one shard of a store with an inf entry (as an older pluristeer's float16 store could hold),
+    footer statistics recomputed from the values as collection computes them."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.store import SHARD_METADATA_KEY, RunningStats, layer_column, read_shard_metadata
+
+    path = store_dir / f"shard-{shard:05d}.parquet"
+    table = pq.read_table(path)
+    column = layer_column(layer)
+    values = table.column(column).combine_chunks()
+    rows = values.values.to_numpy().reshape(len(table), -1).copy()
+    rows[5, 2] = np.inf
+    meta = read_shard_metadata(path)
+    stats = RunningStats(rows.shape[1])
+    stats.update(rows)
+    meta["stats"] = {str(layer): stats.state()}
+    flat = pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1)), rows.shape[1])
+    table = table.set_column(table.schema.get_field_index(column), column, flat)
+    table = table.replace_schema_metadata({SHARD_METADATA_KEY: json.dumps(meta)})
+    pq.write_table(table, path)
+
+
+def test_store_with_non_finite_rows_is_refused_naming_the_shard(tmp_path: Path) -> None:
+    from tests.conftest import synthetic_store
+
+    root = synthetic_store(tmp_path / "store")
+    _poison(root, 2)
+    store = ActivationStore(root)
+    with pytest.raises(StoreError, match=r"shard-00002\.parquet: layer 3 holds non-finite"):
+        check_store_finite(store, 3)
+    with pytest.raises(StoreError, match=r"shard-00002\.parquet"):  # before Ray starts
+        run_train(_cfg(root, tmp_path / "out", workers=1))
+    with pytest.raises(StoreError, match=r"shard-00002\.parquet: column layer_3 holds 1 non-finite"):
+        list(store.iter_batches(3, 512))  # the readers check every batch too
+    assert not (tmp_path / "out" / "ray").exists()
+
+
+def test_forced_nan_batch_stops_training_exits_non_zero_and_exports_nothing(
+    ray_cluster, tiny_store: Path, tmp_path: Path
+) -> None:
+    import ray
+
+    cfg = _cfg(tiny_store, tmp_path / "out", expansions=[4], workers=1, cpus_per_worker=0.5, checkpoint_every=5,
+               inject_nan_at_step=12)  # fmt: skip
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    address = ray.get_runtime_context().gcs_address  # join this test's Ray: one Ray per machine
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled"}
+    command = [sys.executable, "-m", "pluristeer.cli", "train", "--config", str(path), "--address", address]
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "training diverged at step 12: non-finite loss of SAE topk-4x-k4 (last finite loss topk-4x-k4: 0." in (
+        proc.stderr
+    ), proc.stderr[-2000:]
+    assert "no SAE was exported" in proc.stderr and "Traceback" not in proc.stderr
+    assert not list(cfg.output_dir.glob("L3-*"))  # nothing exported
+    snapshot = cfg.output_dir / "ray" / cfg.run_name(3) / "checkpoint_manager_snapshot.json"
+    latest = _latest_step(snapshot)
+    assert latest is not None and latest["step"] == 11 and "diverged" in latest  # the last finite state
+
+
+def test_ce_loss_recovered_far_below_explained_variance_is_flagged() -> None:
+    assert flag_metrics({"explained_variance": 0.82, "ce_loss_recovered": 0.985}) == []
+    (warning,) = flag_metrics({"explained_variance": 0.66, "ce_loss_recovered": -0.004})
+    assert "CE loss recovered -0.004 is far below explained variance 0.660" in warning
+    assert flag_metrics({"explained_variance": float("nan"), "ce_loss_recovered": 0.1}) == []
+    assert flag_metrics({}) == []
+
+
+def test_model_with_residuals_beyond_float16_goes_through_collect_train_vectors(
+    ray_cluster, huge_lm_dir: Path, data_root: Path, tmp_path: Path
+) -> None:
+    """Residual entries ~10^5 (beyond float16): store_dtype auto stores float32, the SAE trains on the data's
+    own scale without NaN, and its vectors are finite (VectorSet refuses NaN)."""
+    from pipelines.collect import CollectConfig, collect
+    from pipelines.vectors import VectorConfig, run_vectors
+    from sae.hooks import residuals
+    from sae.lm import load_lm
+
+    collected = collect(
+        CollectConfig.from_dict(
+            {
+                "model": str(huge_lm_dir),
+                "layers": [3],
+                "context_size": 32,
+                "n_tokens": 2048,
+                "batch_size": 4,
+                "contexts_per_shard": 16,
+                "out": tmp_path / "store",
+                "corpus": data_root / "corpus",
+                "sources": ["ag_news"],
+                "torch_threads": 1,
+                "wandb": False,
+            }
+        ),
+        echo=lambda _: None,
+    )
+    assert collected.manifest.dtype == "float32" and collected.manifest.dtype_choice["max_abs_all"] > 65504 / 4
+    result = run_train(
+        _cfg(
+            tmp_path / "store",
+            tmp_path / "train",
+            expansions=[4],
+            workers=1,
+            batch_size=256,
+            epochs=2,
+            eval_tokens=512,
+            corpus=data_root / "corpus",
+            heldout="after_store",
+        )
+    )
+    (name,) = result.sae_dirs
+    m = {**result.metrics[name]["train"], **result.metrics[name]["eval"]}
+    assert all(math.isfinite(m[k]) for k in ("loss", "explained_variance", "mse", "ce_loss_recovered")), m
+    assert m["explained_variance"] > 0.2 and m["dead_fraction"] < 0.9
+    training = json.loads((result.sae_dirs[name] / "training.json").read_text())
+    assert training["normalizer_scale"] < 1e-3 and isinstance(training["warnings"], list)
+
+    model, _ = load_lm(str(huge_lm_dir))
+    sae = SparseAutoencoder.load(result.sae_dirs[name])
+    h = residuals(model, [3], torch.tensor([[1, 5, 9, 13, 17, 21]]))[3][0, 1:]
+    assert h.abs().max() > 65504 and torch.isfinite(sae(h)).all()
+
+    run = run_vectors(
+        VectorConfig.from_dict(
+            {
+                "sae": str(result.sae_dirs[name]),
+                "model": str(huge_lm_dir),
+                "task": str(REPO / "examples" / "transport-views.jsonl"),
+                "samples": 4,
+                "max_perspectives": 2,
+                "publish": False,
+                "track": False,
+                "out": str(tmp_path / "vectors"),
+                "device": "cpu",
+            }
+        )
+    )
+    for vectors in run.sets.values():
+        assert all(torch.isfinite(v).all() and v.abs().sum() > 0 for v in vectors.vectors.values())

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -68,3 +69,71 @@ def test_missing_embedded_package_says_how_to_install(monkeypatch: pytest.Monkey
 def test_bad_dtype_is_rejected() -> None:
     with pytest.raises(ValueError, match="dtype must be one of"):
         lm.resolve_dtype("float8")
+
+
+def _write_gguf(path: Path, arch: str) -> Path:
+    """A minimal GGUF file (one tensor) with ``general.architecture = arch``, written with the gguf package."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(path), arch)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_unsupported_gguf_architecture_names_it_and_the_supported_ones(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("PLURISTEER_CACHE", str(tmp_path / "cache"))
+    gguf = _write_gguf(tmp_path / "odd.gguf", "no-such-arch")
+    assert lm.gguf_architecture(gguf) == "no-such-arch"
+    with pytest.raises(lm.UnsupportedModelError) as info:
+        load_lm(str(gguf))
+    message = str(info.value)
+    assert "'no-such-arch'" in message and "llama" in message and "qwen2" in message
+    assert "huggingface-cli" not in message  # no hub hint for a file
+    assert not list((tmp_path / "cache" / "models").glob("odd-*"))  # nothing half-converted left behind
+
+
+def test_missing_path_gets_no_hub_hint(tmp_path) -> None:
+    for missing in (str(tmp_path / "nope.gguf"), "./models/some-model.gguf", "~/no/such/dir"):
+        with pytest.raises(ModelNotFoundError, match="no such file or directory") as info:
+            resolve_model(missing)
+        assert "huggingface-cli" not in str(info.value)
+    assert lm.looks_like_hub_id("HuggingFaceTB/SmolLM2-135M") and not lm.looks_like_hub_id("model.gguf")
+
+
+def test_file_hash_is_cached_by_path_size_and_mtime(tmp_path, monkeypatch) -> None:
+    import hashlib
+
+    monkeypatch.setenv("PLURISTEER_CACHE", str(tmp_path / "cache"))
+    f = tmp_path / "w.gguf"
+    f.write_bytes(b"x" * 1000)
+    assert lm.file_sha256(f) == hashlib.sha256(b"x" * 1000).hexdigest()
+    reads = []
+    real_open = Path.open
+    monkeypatch.setattr(Path, "open", lambda self, *a, **k: reads.append(self) or real_open(self, *a, **k))
+    lm.file_sha256(f)
+    assert f not in reads  # the second call answered from the cache
+    f.write_bytes(b"y" * 1000)  # same size, new content and mtime: hashed again
+    os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
+    assert lm.file_sha256(f) == hashlib.sha256(b"y" * 1000).hexdigest()
+
+
+@pytest.mark.slow
+def test_gguf_file_path_loads_and_converts_once(tmp_path, monkeypatch) -> None:
+    """``model=/path/file.gguf`` (the embedded package's file, as a user would pass their own)."""
+    monkeypatch.setenv("PLURISTEER_CACHE", str(tmp_path / "cache"))
+    gguf = lm.embedded_gguf()
+    model, tokenizer = load_lm(str(gguf))
+    assert model.config.num_hidden_layers == 30 and lm.model_name(model) == str(gguf)
+    source = resolve_model(str(gguf))
+    weights = Path(source.path) / "model.safetensors"
+    assert Path(source.path).parent == tmp_path / "cache" / "models" and lm.file_sha256(gguf)[:16] in source.path
+    before = weights.stat().st_mtime_ns
+    assert resolve_model(str(gguf)) == source and weights.stat().st_mtime_ns == before  # converted once
+    batch = tokenizer(["The capital of France is"], return_tensors="pt")
+    out = model.generate(**batch, max_new_tokens=3, do_sample=False)
+    assert "Paris" in tokenizer.decode(out[0, batch["input_ids"].shape[1] :])

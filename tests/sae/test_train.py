@@ -182,3 +182,37 @@ def test_specs_are_checked() -> None:
         SAETrainer([SAESpec(), SAESpec()], 16, TrainerConfig())
     assert SAESpec(expansion=8).label(576) == "topk-8x-k32"
     assert SAESpec(expansion=32).learning_rate(576) < SAESpec(expansion=8).learning_rate(576)
+
+
+def test_non_finite_batch_stops_before_the_update(tiny_store: Path) -> None:
+    from sae.train import TrainingDivergedError
+
+    store = ActivationStore(tiny_store)
+    trainer = _trainer(store, [SAESpec(expansion=2, k=4, lr=3e-3), SAESpec(expansion=4, k=4, lr=3e-3)], 10)
+    batches = _batches(store, 256)
+    for _ in range(3):
+        trainer.train_step(next(batches))
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    last = dict(trainer.last_loss)
+    assert all(v is not None and v > 0 for v in last.values())
+    bad = next(batches).clone()
+    bad[7, 3] = float("nan")
+    with pytest.raises(TrainingDivergedError) as info:
+        trainer.train_step(bad)
+    err = info.value
+    assert err.step == 4 and err.names == ["topk-2x-k4", "topk-4x-k4"] and err.what == "loss"
+    assert "step 4" in str(err) and "topk-2x-k4" in str(err) and str(last["topk-2x-k4"]) in str(err)
+    assert trainer.step == 3
+    for key, value in trainer.model.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0)  # the weights are the last finite step's
+    trainer.train_step(next(batches))  # a finite batch trains on from there
+    assert trainer.step == 4
+
+
+def test_normalizer_refuses_non_finite_statistics() -> None:
+    with pytest.raises(ValueError, match="not finite"):
+        Normalizer.from_stats({"mean": [0.0, 1.0], "std": [float("inf"), 1.0]})
+    with pytest.raises(ValueError, match="not finite"):
+        Normalizer.from_sample(torch.tensor([[1.0, float("nan")], [2.0, 3.0]]))
+    big = Normalizer.from_sample(torch.randn(512, 16, dtype=torch.float64).float() * 3e4)  # large norms are fine
+    assert big.scale == pytest.approx(1 / 3e4, rel=0.1)
