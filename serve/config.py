@@ -108,6 +108,7 @@ class ServeConfig(StageConfig):
     # replicas
     max_batch_rows: int = 32  # rows in one forward (continuous batching)
     max_batch_tokens: int = 8192  # padded tokens in one replay forward
+    batch_gather_s: float = 0.1  # longest wait for the last batch's sessions to be back (serve/batcher.py); 0: none
     max_sessions: int = 64  # KV caches kept per replica (LRU)
     session_ttl_s: float = 300.0
     session_affinity: bool = True  # route a session's steps to the replica holding its cache
@@ -151,6 +152,7 @@ class ServeConfig(StageConfig):
         check(self.torch_threads >= 0, "torch_threads: must be >= 0 (0: from num_cpus)")
         check(self.max_batch_rows >= 1, "max_batch_rows: must be >= 1")
         check(self.max_batch_tokens >= 1, "max_batch_tokens: must be >= 1")
+        check(0 <= self.batch_gather_s <= 1, "batch_gather_s: seconds in 0..1 (0: no wait)")
         check(self.max_sessions >= 0, "max_sessions: must be >= 0")
         check(self.session_ttl_s > 0, "session_ttl_s: must be > 0")
         check(bool(self.api_keys_env.strip()), "api_keys_env: name an environment variable")

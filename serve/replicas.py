@@ -159,7 +159,7 @@ class ModelServer:
             else:
                 log.warning("%s: rows run unshared (the shared-trunk check failed: %s)", self.name, problem)
         self.batcher: ContinuousBatcher[list[Row], list[RowOut]] = ContinuousBatcher(
-            self._run, max_rows=self.cfg.max_batch_rows, size=len
+            self._run, max_rows=self.cfg.max_batch_rows, size=len, gather_s=self.cfg.batch_gather_s
         )
         self.load_seconds = time.perf_counter() - started
         log.info("%s: model loaded on %s in %.1f s", self.name, device, self.load_seconds)
@@ -225,6 +225,8 @@ class ModelServer:
             "version": self._version(),
             "batches": self.batcher.batches,
             "batched_items": self.batcher.items,
+            "batched_rows": self.batcher.rows,
+            "gathered_s": self.batcher.gathered_s,
             **self.engine.counters,
         }
 
