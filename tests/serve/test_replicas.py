@@ -38,6 +38,7 @@ APP = "pluristeer"
 @dataclass
 class App:
     url: str
+    registry: Path
     pooled: list[str]
     vectors: VectorSet
     sae: SparseAutoencoder
@@ -139,7 +140,7 @@ def app(tiny_lm_dir: Path, tmp_path_factory) -> Iterator[App]:
         started = time.perf_counter()
         serve.run(build(cfg), name=APP, route_prefix="/")
         print(f"serve app (7 replicas) up in {time.perf_counter() - started:.1f} s")
-        yield App(f"http://127.0.0.1:{port}", pooled, vs, sae, model, tok)
+        yield App(f"http://127.0.0.1:{port}", registry, pooled, vs, sae, model, tok)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -213,6 +214,21 @@ def test_pooled_generations_keep_each_session_on_its_replica(app: App) -> None:
     assert _metric(app, "pluristeer_replays_total", deployment="PerspectivePool") == 0
     ran = _metric(app, "pluristeer_deployment_tokens_total", deployment="PerspectivePool") - before
     assert ran >= 12 * 3 * 10, ran  # prefills + one token per step per row, all on the pool
+
+
+def test_which_perspectives_the_pool_serves(app: App) -> None:
+    from common.config import ConfigError
+    from serve.app import resolve
+    from serve.config import ServeConfig
+
+    base = {"vectors": NAME, "registry_dir": str(app.registry), "max_perspectives": 4}
+    own, pooled = resolve(ServeConfig.from_dict({**base, "perspectives": [BUSY], "pool": ["*"]}))
+    assert own == [BUSY] and pooled == [IDLE, *app.pooled]
+    assert resolve(ServeConfig.from_dict({**base, "pool": [app.pooled[5]]})) == ([], [app.pooled[5]])
+    with pytest.raises(ConfigError, match=r"pool: \['Atlantis'\] are not in"):
+        resolve(ServeConfig.from_dict({**base, "pool": ["Atlantis"]}))
+    with pytest.raises(ConfigError, match="serve the rest from the pool"):
+        resolve(ServeConfig.from_dict(base))  # 120 deployments of their own: above max_perspectives
 
 
 @pytest.mark.hostile
