@@ -302,7 +302,7 @@ def _serve_benchmark() -> Any:
 
 def _start_app(args: argparse.Namespace) -> tuple[str, str]:
     """A local Ray + Serve app (both backends, 3 perspectives; benchmarks/serve.py's); returns its URL and key."""
-    url, key, _ = _serve_benchmark().start_app(
+    url, key, *_ = _serve_benchmark().start_app(
         sae=args.sae, vectors=args.vectors, registry_dir=args.registry_dir, samples=8,
         replica_cpus=args.replica_cpus, tokens=args.tokens, prefix="load",
     )  # fmt: skip

@@ -4,15 +4,20 @@
   (b) one steered perspective             (one PerspectiveModel;      perspectives: [p0], mode mean)
   (c) PD, K=3, one replica per perspective (3 PerspectiveModels + BaseModel per step, fanned out; dvd)
   (d) PD, K=3, fused                      (FusedPlural: the 4 rows as one batch; dvd)
+  (e) PD, K=3, pooled                     (3 of the ``--pooled`` perspectives on one PerspectivePool replica
+                                           + BaseModel per step; dvd)
 
-with ratios against (a) from the same run: the scenarios alternate in rounds at each concurrency, and each
-number is the median over the rounds, so load from other processes on a shared machine hits all four alike.
-Also the memory of each model replica (resident set, weights, KV caches).
+with ratios against (a) from the same run, and (a)'s against a bare loop: a plain transformers ``generate``
+of the same number of tokens at batch = concurrency, in this process with one torch thread (what a replica
+gets). The scenarios and the bare loop alternate in rounds at each concurrency, and each number is the
+median over the rounds, so load from other processes on a shared machine hits them all alike. Also the
+memory of each model replica (resident set, weights, KV caches), the pool's with all its perspectives.
 
     PYTHONPATH=. python benchmarks/serve.py --sae /tmp/acc/train/L15-topk-8x-k32 [--tokens 32 --rounds 3]
     PYTHONPATH=. python benchmarks/serve.py --vectors globalopinionqa-sae-fine --registry-dir ...
 
 Every replica gets ``--replica-cpus`` (default 0.25) and one torch thread; one replica per deployment.
+``--gather-s`` sets ``batch_gather_s`` (serve/batcher.py; 0 is the batching before it existed).
 """
 
 from __future__ import annotations
@@ -60,6 +65,43 @@ def _derive(sae_dir: Path, perspectives: int, samples: int):
     return vector_sets(cfg, readouts, model=model_name(model), layer=layer, sae=sae, extra={})["fine"]
 
 
+def _with_pooled(vs: Any, total: int) -> Any:
+    """``vs`` plus random sparse vectors up to ``total`` perspectives (``Pooled 000`` ...): a set the size of
+    GlobalOpinionQA's countries, for the pool (the cost of steering does not depend on the values)."""
+    import dataclasses
+
+    import torch
+
+    from sae.vectorset import VectorSet
+
+    g = torch.Generator().manual_seed(0)
+    vectors = dict(vs.vectors)
+    scale = float(max(v.abs().max() for v in vectors.values()))
+    for i in range(max(0, total - len(vectors))):
+        v = torch.zeros(vs.meta.dim)
+        v[torch.randperm(vs.meta.dim, generator=g)[:8]] = scale * torch.rand(8, generator=g)
+        vectors[f"Pooled {i:03d}"] = v
+    meta = dataclasses.replace(vs.meta, n_samples={p: vs.meta.n_samples.get(p, 1) for p in vectors})
+    return VectorSet(vectors, meta)
+
+
+def bare_loop(model: Any, tok: Any, prompts: list[str], batch: int, tokens: int) -> float:
+    """Tokens/s of a plain ``generate`` of ``tokens`` greedy tokens for ``batch`` prompts (one torch thread)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        enc = tok([prompts[i % len(prompts)] for i in range(batch)], return_tensors="pt", padding=True,
+                  add_special_tokens=False)  # fmt: skip
+        started = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(**enc, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+        return batch * tokens / (time.perf_counter() - started)
+    finally:
+        torch.set_num_threads(before)
+
+
 def _chat(tok: Any, text: str) -> str:
     return tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
 
@@ -102,9 +144,13 @@ def start_app(
     replica_cpus: float,
     tokens: int,
     prefix: str,
-) -> tuple[str, str, list[str]]:
-    """A local Ray + Serve app on loopback (both backends, one replica per deployment, 3 perspectives) serving
-    ``vectors``, or a GlobalOpinionQA set derived from ``sae``; returns its URL, its key and the perspectives."""
+    pooled: int = 0,
+    gather_s: float | None = None,
+) -> tuple[str, str, list[str], list[str]]:
+    """A local Ray + Serve app on loopback (both backends, one replica per deployment, 3 perspectives with
+    their own deployment, and with ``pooled`` a PerspectivePool serving the rest of a set of that size)
+    serving ``vectors``, or a GlobalOpinionQA set derived from ``sae``; returns its URL, its key, the own
+    perspectives and the pooled ones."""
     import ray
     from ray import serve
 
@@ -116,8 +162,12 @@ def start_app(
     os.environ["PLURISTEER_API_KEYS"] = key  # before ray.init: the replicas inherit it
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, 2), include_dashboard=False, log_to_driver=False)
     name = vectors or f"{prefix}-gqa-fine"
+    client = RegistryClient(registry_dir)
     if sae is not None:
-        RegistryClient(registry_dir).publish(_derive(sae, 3, samples), name)
+        client.publish(_derive(sae, 3, samples), name)
+    if pooled:
+        name = f"{prefix}-pooled"
+        client.publish(_with_pooled(client.get(vectors or f"{prefix}-gqa-fine"), pooled), name)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -127,18 +177,24 @@ def start_app(
             "vectors": name, "registry_dir": str(registry_dir), "backend": "both", "port": port,
             "replica_cpus": replica_cpus, "aggregator_cpus": 0.25, "torch_threads": 1,
             "max_tokens_limit": max(tokens, 16), "max_perspectives": 3,
-            "deployments": {n: fixed for n in ("PluralAggregator", "BaseModel", "PerspectiveModel", "FusedPlural")},
+            "deployments": {n: fixed for n in ("PluralAggregator", "BaseModel", "PerspectiveModel", "FusedPlural",
+                                               "PerspectivePool")},
+            **({} if gather_s is None else {"batch_gather_s": gather_s}),
         }
     )  # fmt: skip
-    perspectives = resolve_perspectives(cfg)[:3]
-    cfg = ServeConfig.from_dict({**cfg.to_dict(), "perspectives": perspectives})
+    everything = resolve_perspectives(cfg) if not pooled else client.get(name).perspectives
+    perspectives = everything[:3]
+    cfg = ServeConfig.from_dict({**cfg.to_dict(), "perspectives": perspectives, "pool": ["*"] if pooled else [],
+                                 "max_perspectives": 3})  # fmt: skip
+    rest = [p for p in everything if p not in perspectives] if pooled else []
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     started = time.perf_counter()
-    serve.run(build(cfg, perspectives), name=cfg.app_name, route_prefix="/")
+    serve.run(build(cfg, perspectives, rest), name=cfg.app_name, route_prefix="/")
     url = f"http://127.0.0.1:{port}"
     seconds = time.perf_counter() - started
-    print(f"app up in {seconds:.0f} s at {url}; perspectives {perspectives}; {os.cpu_count()} CPUs")
-    return url, key, perspectives
+    print(f"app up in {seconds:.0f} s at {url}; perspectives {perspectives} + {len(rest)} pooled; "
+          f"{os.cpu_count()} CPUs; batch_gather_s {cfg.batch_gather_s}")  # fmt: skip
+    return url, key, perspectives, rest
 
 
 def main() -> None:
@@ -152,6 +208,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=0, help="per level and scenario (default max(4, 2*c))")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--replica-cpus", type=float, default=0.25)
+    ap.add_argument("--pooled", type=int, default=120, help="perspectives in the set the pool serves (0: no pool)")
+    ap.add_argument("--gather-s", type=float, help="batch_gather_s of the replicas (default: ServeConfig's)")
     ap.add_argument("--out", type=Path, help="also write the results as JSON")
     args = ap.parse_args()
     if (args.sae is None) == (args.vectors is None):
@@ -160,15 +218,16 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from sae.lm import load_tokenizer
-    from serve.config import BASE, FUSED, ServeConfig, perspective_deployment
+    from sae.lm import load_lm
+    from serve.config import BASE, FUSED, POOL, ServeConfig, perspective_deployment
 
-    url, key, perspectives = start_app(
+    url, key, perspectives, pooled = start_app(
         sae=args.sae, vectors=args.vectors, registry_dir=args.registry_dir, samples=args.samples,
-        replica_cpus=args.replica_cpus, tokens=args.tokens, prefix="bench",
+        replica_cpus=args.replica_cpus, tokens=args.tokens, prefix="bench", pooled=args.pooled,
+        gather_s=args.gather_s,
     )  # fmt: skip
 
-    tok = load_tokenizer("embedded")
+    model, tok = load_lm("embedded")
     prompts = [_chat(tok, p) for p in PROMPTS]
     common = {"max_tokens": args.tokens, "temperature": 0, "ignore_eos": True}
     scenarios = {
@@ -180,8 +239,13 @@ def main() -> None:
         "d": ("PD K=3, fused", {**common, "perspectives": perspectives, "backend": "fused",
                                 "decoding": {"mode": "dvd"}}),
     }  # fmt: skip
+    if pooled:
+        chosen = [pooled[0], pooled[len(pooled) // 2], pooled[-1]]
+        scenarios["e"] = ("PD K=3, pooled", {**common, "perspectives": chosen, "backend": "replicas",
+                                             "decoding": {"mode": "dvd"}})  # fmt: skip
     for _, body in scenarios.values():  # warm up every path
         asyncio.run(_level(url, key, body, prompts, 1, 1))
+    bare_loop(model, tok, prompts, 1, 4)
 
     results: dict[str, Any] = {"tokens_per_request": args.tokens, "cpus": os.cpu_count(), "levels": {}}
     for c in [int(x) for x in args.concurrency.split(",")]:
@@ -189,7 +253,9 @@ def main() -> None:
         per: dict[str, dict[str, list[float]]] = {
             s: {"tps": [], "p50": [], "p99": [], "tok_lat": []} for s in scenarios
         }
+        bare: list[float] = []
         for _ in range(args.rounds):
+            bare.append(bare_loop(model, tok, prompts, c, args.tokens))
             for s, (_, body) in scenarios.items():
                 latencies, wall = asyncio.run(_level(url, key, body, prompts, c, n))
                 per[s]["tps"].append(n * args.tokens / wall)
@@ -200,8 +266,11 @@ def main() -> None:
         for s in scenarios:
             level[s]["latency_vs_a"] = level[s]["tok_lat"] / level["a"]["tok_lat"]
             level[s]["throughput_vs_a"] = level[s]["tps"] / level["a"]["tps"]
+        level["bare"] = {"tps": statistics.median(bare)}
         results["levels"][c] = level
         print(f"\nconcurrency {c}: {n} requests x {args.tokens} tokens per scenario, median of {args.rounds} rounds")
+        print(f"  bare generate loop at batch {c} (1 thread): {level['bare']['tps']:.1f} tok/s; "
+              f"(a) / bare = {level['a']['tps'] / level['bare']['tps']:.2f}x")  # fmt: skip
         print(
             f"  {'scenario':34s} {'tok/s':>8s} {'p50 s':>7s} {'p99 s':>7s} {'ms/tok':>7s} {'lat/a':>6s} {'tps/a':>6s}"
         )
@@ -211,14 +280,18 @@ def main() -> None:
                   f"{m['latency_vs_a']:6.2f} {m['throughput_vs_a']:6.2f}")  # fmt: skip
 
     memory = {}
-    for dep in [BASE, *(perspective_deployment(p) for p in perspectives), FUSED]:
+    batching = {}
+    for dep in [BASE, *(perspective_deployment(p) for p in perspectives), FUSED, *([POOL] if pooled else [])]:
         stats = serve.get_deployment_handle(dep, app_name=ServeConfig.app_name).stats.remote().result(timeout_s=60)
-        memory[dep] = {k: stats[k] for k in ("rss_bytes", "param_bytes", "sae_bytes", "cache_bytes", "sessions")}
-    results["memory"] = memory
-    print("\nmemory per model replica (MiB): resident / weights / SAE / KV caches")
+        keys = ("rss_bytes", "param_bytes", "sae_bytes", "cache_bytes", "sessions", "perspectives")
+        memory[dep] = {k: stats[k] for k in keys}
+        batching[dep] = stats["batched_rows"] / max(1, stats["batches"])
+    results["memory"], results["rows_per_batch"] = memory, batching
+    print("\nper model replica: resident / weights / SAE / KV caches (MiB), perspectives held, rows per forward batch")
     for dep, m in memory.items():
         print(f"  {dep:34s} {m['rss_bytes'] / 2**20:7.0f} {m['param_bytes'] / 2**20:7.0f} "
-              f"{m['sae_bytes'] / 2**20:5.0f} {m['cache_bytes'] / 2**20:6.1f}")  # fmt: skip
+              f"{m['sae_bytes'] / 2**20:5.0f} {m['cache_bytes'] / 2**20:6.1f} {m['perspectives']:5d} "
+              f"{batching[dep]:6.1f}")  # fmt: skip
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
     serve.shutdown()

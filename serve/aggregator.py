@@ -37,7 +37,7 @@ from sae.lm import load_tokenizer, resolve_model
 from sae.readout import ReadoutError, label_token_ids, option_probs
 from serve import openai
 from serve.auth import KeyRing
-from serve.config import AGGREGATOR, ServeConfig, perspective_deployment
+from serve.config import AGGREGATOR, POOL, ServeConfig, perspective_deployment
 from serve.errors import ApiError
 from serve.fanout import Fanout
 from serve.generation import GenParams, TextStream, combined_scores
@@ -115,6 +115,15 @@ async def _limits_and_metrics(request: Request, call_next: Any) -> Response:
     return response
 
 
+def _running_deployments() -> set[str] | None:
+    """The deployments of this replica's app with a RUNNING replica (``None`` if Serve cannot say)."""
+    try:
+        app = serve.status().applications[serve.get_replica_context().app_name]
+        return {n for n, d in app.deployments.items() if d.replica_states.get("RUNNING", 0) > 0}
+    except Exception:  # outside a replica, or the controller busy: scrape them all
+        return None
+
+
 bearer = HTTPBearer(auto_error=False, description="an API key from PLURISTEER_API_KEYS")
 
 
@@ -138,7 +147,8 @@ Auth = [Depends(require_key)]
 @serve.deployment(name=AGGREGATOR)
 @serve.ingress(api)
 class PluralAggregator:
-    """The ingress: see the module docstring. ``replicas`` maps perspective -> its deployment's handle."""
+    """The ingress: see the module docstring. ``replicas`` maps perspective -> its deployment's handle;
+    ``pool`` is the ``PerspectivePool`` handle serving ``pooled`` (served besides ``perspectives``)."""
 
     def __init__(
         self,
@@ -147,6 +157,8 @@ class PluralAggregator:
         replicas: dict[str, Any],
         base: Any = None,
         fused: Any = None,
+        pool: Any = None,
+        pooled: list[str] | None = None,
     ) -> None:
         from transformers import AutoConfig
 
@@ -160,12 +172,15 @@ class PluralAggregator:
         self.model_name = source.name
         self.max_positions = int(getattr(AutoConfig.from_pretrained(source.path), "max_position_embeddings", 1 << 20))
         self.eos = self.tokenizer.eos_token_id
-        self.perspectives = list(perspectives)
+        self.pooled = list(pooled or [])
+        self.perspectives = [*perspectives, *self.pooled]
         self.fanout = Fanout(
-            {p: replicas[p] for p in self.perspectives} if replicas else {}, base, fused,
+            {p: replicas[p] for p in perspectives} if replicas else {}, base, fused,
+            pool=pool, pooled=self.pooled,
             step_timeout_s=self.cfg.step_timeout_s, request_timeout_s=self.cfg.request_timeout_s,
             metrics=self.metrics,
         )  # fmt: skip
+        self._served = frozenset(self.perspectives)
         self.backends = self.fanout.backends
         self.default_backend = "fused" if self.cfg.backend == "fused" else "replicas"
         self._client: Any = None
@@ -176,14 +191,20 @@ class PluralAggregator:
     ) -> tuple[list[str], Decoding, str]:
         chosen = list(self.perspectives if perspectives is None else perspectives)
         if len(chosen) > self.cfg.max_perspectives:
+            default = "" if perspectives is not None else " (the default is every served perspective: name some)"
             raise ApiError(
-                422, f"perspectives: {len(chosen)} asked for, at most {self.cfg.max_perspectives}", param="perspectives"
-            )
+                422, f"perspectives: {len(chosen)} asked for{default}, at most {self.cfg.max_perspectives}",
+                param="perspectives",
+            )  # fmt: skip
         if len(set(chosen)) != len(chosen):
             raise ApiError(422, "perspectives: each perspective may be listed once", param="perspectives")
-        unknown = [p for p in chosen if p not in self.perspectives]
+        unknown = [p for p in chosen if p not in self._served]
         if unknown:
-            raise ApiError(422, f"perspectives: unknown {unknown}; served: {self.perspectives}", param="perspectives")
+            served = self.perspectives if len(self.perspectives) <= 20 else [*self.perspectives[:20], "..."]
+            raise ApiError(
+                422, f"perspectives: unknown {unknown}; served ({len(self.perspectives)}): {served} "
+                "(GET /v1/perspectives lists them all)", param="perspectives",
+            )  # fmt: skip
         d = decoding or DecodingParams()
         dec = Decoding(
             mode=d.mode or self.cfg.decoding_mode,  # type: ignore[arg-type]
@@ -276,7 +297,8 @@ class PluralAggregator:
         return {
             "object": "list",
             "data": [
-                {"id": p, "deployment": perspective_deployment(p), "samples": meta.get("n_samples", {}).get(p)}
+                {"id": p, "deployment": POOL if p in self.fanout.pooled else perspective_deployment(p),
+                 "samples": meta.get("n_samples", {}).get(p)}
                 for p in self.perspectives
             ],
             "vectors": {
@@ -297,8 +319,11 @@ class PluralAggregator:
 
     @api.get("/metrics", dependencies=Auth)
     async def metrics_text(self) -> Response:
-        """Prometheus text format; model replicas' memory is refreshed on each scrape."""
-        for name, st in await self.fanout.stats():
+        """Prometheus text format; model replicas' memory is refreshed on each scrape (of the deployments that
+        have a running replica: a scrape does not wake one scaled to zero)."""
+        running = await asyncio.to_thread(_running_deployments)
+        check = None if running is None else running.__contains__
+        for name, st in await self.fanout.stats(running=check):
             self.metrics.replica_rss.labels(name, str(st["pid"])).set(st["rss_bytes"])
             self.metrics.replica_sessions.labels(name, str(st["pid"])).set(st["sessions"])
         return Response(self.metrics.render(), media_type=self.metrics.content_type)

@@ -7,8 +7,9 @@ field as an override — so both of these work::
     serve run serve.app:build_app config=serve.yaml vectors=opinions-sae-fine
     serve deploy serve/serve_config.yaml        # applications[].args, as in cluster/k8s/rayservice.yaml
 
-The graph: ``PluralAggregator`` (ingress) bound to one ``PerspectiveModel-<slug>`` per perspective and a
-``BaseModel`` (``backend: replicas``), and/or a ``FusedPlural`` (``backend: fused``; ``both`` deploys both).
+The graph: ``PluralAggregator`` (ingress) bound to one ``PerspectiveModel-<slug>`` per perspective of
+``perspectives``, a ``PerspectivePool`` for those of ``pool`` and a ``BaseModel`` (``backend: replicas``),
+and/or a ``FusedPlural`` (``backend: fused``; ``both`` deploys both).
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ from common.raycluster import init_ray
 from common.registry import RegistryClient, RegistryError, parse_key
 from serve.aggregator import PluralAggregator
 from serve.auth import KeyRing
-from serve.config import AGGREGATOR, BASE, FUSED, ServeConfig, perspective_deployment
-from serve.replicas import BaseModel, FusedPlural, PerspectiveModel
+from serve.config import AGGREGATOR, ALL, BASE, FUSED, POOL, ServeConfig, perspective_deployment
+from serve.replicas import BaseModel, FusedPlural, PerspectiveModel, PerspectivePool
 from serve.routing import ROUTER_PATH
 
 
@@ -74,29 +75,38 @@ def publish_vectors_file(cfg: ServeConfig) -> str | None:
 
 
 def resolve_perspectives(cfg: ServeConfig) -> list[str]:
-    """The perspectives to deploy: ``cfg.perspectives`` (checked against the set), else all of the set."""
+    """The perspectives with their own deployment: ``cfg.perspectives`` (checked against the set), else all
+    of the set (none when ``pool`` is set)."""
+    return resolve(cfg)[0]
+
+
+def resolve(cfg: ServeConfig) -> tuple[list[str], list[str]]:
+    """``(own, pooled)``: the perspectives with their own deployment and those the pool serves."""
 
     try:
         vs = RegistryClient(cfg.registry_dir, address=cfg.ray_address).get(cfg.vectors)
     except RegistryError as err:
         raise ConfigError(f"vectors: {err}") from None
-    missing = [p for p in cfg.perspectives if p not in vs.vectors]
-    if missing:
-        raise ConfigError(f"perspectives: {missing} are not in {cfg.vectors} (it has {vs.perspectives})")
-    chosen = cfg.perspectives or vs.perspectives
-    if len(chosen) > cfg.max_perspectives:
+    for field_name in ("perspectives", "pool"):
+        missing = [p for p in getattr(cfg, field_name) if p != ALL and p not in vs.vectors]
+        if missing:
+            raise ConfigError(f"{field_name}: {missing} are not in {cfg.vectors} (it has {vs.perspectives})")
+    own = list(cfg.perspectives or ([] if cfg.pool else vs.perspectives))
+    pooled = [p for p in vs.perspectives if p not in own] if cfg.pool == [ALL] else list(cfg.pool)
+    if len(own) > cfg.max_perspectives:
         raise ConfigError(
-            f"perspectives: {cfg.vectors} has {len(chosen)}, above max_perspectives={cfg.max_perspectives}: "
-            "list the ones to serve in `perspectives` or raise max_perspectives"
+            f"perspectives: {len(own)} with their own deployment, above max_perspectives={cfg.max_perspectives}: "
+            "list the ones to deploy in `perspectives`, serve the rest from the pool (`pool: ['*']`) or raise "
+            "max_perspectives"
         )
-    return list(chosen)
+    return own, pooled
 
 
 def deployment_names(cfg: ServeConfig, perspectives: list[str]) -> list[str]:
     """Every deployment the app has, ingress first (what a Serve config's ``deployments`` may name)."""
     names = [AGGREGATOR]
     if cfg.backend in ("replicas", "both"):
-        names += [BASE, *(perspective_deployment(p) for p in perspectives)]
+        names += [BASE, *(perspective_deployment(p) for p in perspectives), *([POOL] if cfg.pool else [])]
     if cfg.backend in ("fused", "both"):
         names.append(FUSED)
     return names
@@ -111,12 +121,15 @@ def _options(cfg: ServeConfig, name: str) -> dict[str, Any]:
     return options
 
 
-def build(cfg: ServeConfig, perspectives: list[str] | None = None) -> Any:
-    """The bound application for ``cfg`` (``perspectives``: default :func:`resolve_perspectives`)."""
+def build(cfg: ServeConfig, perspectives: list[str] | None = None, pooled: list[str] | None = None) -> Any:
+    """The bound application for ``cfg`` (``perspectives``, ``pooled``: default :func:`resolve`)."""
 
-    if perspectives is None:
+    if perspectives is None or (pooled is None and cfg.pool):
         publish_vectors_file(cfg)
-        perspectives = resolve_perspectives(cfg)
+        own, found = resolve(cfg)
+        perspectives = own if perspectives is None else perspectives
+        pooled = found if pooled is None else pooled
+    pooled = list(pooled or [])
     spec = cfg.to_dict()
     spec["vectors_file"] = None  # published above: replicas read the registry
     if cfg.registry_dir is None:
@@ -127,14 +140,15 @@ def build(cfg: ServeConfig, perspectives: list[str] | None = None) -> Any:
         return deployment.options(name=name, **options).bind(spec, *args, threads=cfg.threads_for(options))
 
     replicas: dict[str, Any] = {}
-    base = fused = None
+    base = fused = pool = None
     if cfg.backend in ("replicas", "both"):
         base = bind(BaseModel, BASE)
         replicas = {p: bind(PerspectiveModel, perspective_deployment(p), p) for p in perspectives}
+        pool = bind(PerspectivePool, POOL) if pooled else None
     if cfg.backend in ("fused", "both"):
         fused = bind(FusedPlural, FUSED)
     return PluralAggregator.options(name=AGGREGATOR, **_options(cfg, AGGREGATOR)).bind(
-        spec, perspectives, replicas, base, fused
+        spec, perspectives, replicas, base, fused, pool, pooled
     )
 
 
@@ -161,7 +175,7 @@ def run_serve(cfg: ServeConfig, *, block: bool = True, echo: Any = print) -> Any
     KeyRing.from_env(cfg.api_keys_env, required=cfg.auth)  # fail here, not in a replica
     local = cfg.ray_address is None and not os.environ.get("RAY_ADDRESS") and not ray.is_initialized()
     if local:  # logical CPUs: the replicas' fractional CPUs may add up to more than a small machine has
-        upto = cfg.perspectives or [f"p{i}" for i in range(cfg.max_perspectives)]
+        upto = cfg.perspectives or ([] if cfg.pool else [f"p{i}" for i in range(cfg.max_perspectives)])
         init_ray(None, num_cpus=max(os.cpu_count() or 1, math.ceil(cpus_needed(cfg, upto))))
     else:
         init_ray(cfg.ray_address)
@@ -211,4 +225,6 @@ def _stop(cfg: ServeConfig, local: bool) -> None:
         serve.delete(cfg.app_name)
 
 
-__all__ = ["build", "build_app", "config_from_args", "deployment_names", "resolve_perspectives", "run_serve"]
+__all__ = [
+    "build", "build_app", "config_from_args", "deployment_names", "resolve", "resolve_perspectives", "run_serve",
+]  # fmt: skip

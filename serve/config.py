@@ -2,8 +2,8 @@
 
 Deployment options (replicas, autoscaling, actor resources) start from the defaults below and are
 overridden per deployment by ``deployments``: a mapping from a deployment name — ``PluralAggregator``,
-``BaseModel``, ``FusedPlural``, ``PerspectiveModel`` (every perspective) or ``PerspectiveModel-<slug>``
-(one perspective) — to Serve deployment options, e.g.::
+``BaseModel``, ``FusedPlural``, ``PerspectivePool``, ``PerspectiveModel`` (every perspective) or
+``PerspectiveModel-<slug>`` (one perspective) — to Serve deployment options, e.g.::
 
     deployments:
       PerspectiveModel-united_states:
@@ -11,6 +11,15 @@ overridden per deployment by ``deployments``: a mapping from a deployment name �
         ray_actor_options: {num_cpus: 1, num_gpus: 0.25}
 
 A Serve config file (``serve/serve_config.yaml``) can override them again by deployment name.
+
+Perspectives are served two ways, side by side: a few heavy ones by their own ``PerspectiveModel-<slug>``
+deployment (``perspectives``), and any number by the shared ``PerspectivePool`` (``pool``), whose every
+replica holds the model, the SAE and the whole VectorSet (a few KB per perspective) and serves any of them::
+
+    perspectives: [United States]        # its own deployment, scaled on its own
+    pool: ["*"]                          # every other perspective of the set, on the pool's replicas
+    deployments:
+      PerspectivePool: {num_replicas: 3}
 """
 
 from __future__ import annotations
@@ -28,6 +37,8 @@ AGGREGATOR = "PluralAggregator"
 BASE = "BaseModel"
 FUSED = "FusedPlural"
 PERSPECTIVE = "PerspectiveModel"
+POOL = "PerspectivePool"
+ALL = "*"  # `pool: ["*"]`: every perspective of the set without its own deployment
 DEFAULT_API_KEYS_ENV = "PLURISTEER_API_KEYS"
 DEPLOYMENT_KEYS = (
     "num_replicas",
@@ -59,7 +70,8 @@ class ServeConfig(StageConfig):
     # what is served
     vectors: str = ""  # registry key of the VectorSet: name, name@latest (follows new versions) or name@N
     vectors_file: Path | None = None  # publish this VectorSet file as `vectors` first (if it is not the latest)
-    perspectives: list[str] = field(default_factory=list)  # deployed perspectives (default: all of the set)
+    perspectives: list[str] = field(default_factory=list)  # own deployments (default: all of the set, none with pool)
+    pool: list[str] = field(default_factory=list)  # served by PerspectivePool instead; ["*"]: all the rest of the set
     model: str = "embedded"
     sae: Path | None = None  # default: the SAE path the vector set records
     dtype: str = "float32"
@@ -96,6 +108,7 @@ class ServeConfig(StageConfig):
     # replicas
     max_batch_rows: int = 32  # rows in one forward (continuous batching)
     max_batch_tokens: int = 8192  # padded tokens in one replay forward
+    batch_gather_s: float = 0.1  # longest wait for the last batch's sessions to be back (serve/batcher.py); 0: none
     max_sessions: int = 64  # KV caches kept per replica (LRU)
     session_ttl_s: float = 300.0
     session_affinity: bool = True  # route a session's steps to the replica holding its cache
@@ -123,6 +136,11 @@ class ServeConfig(StageConfig):
         check(len(set(self.perspectives)) == len(self.perspectives), "perspectives: listed twice")
         slugs = [slug(p) for p in self.perspectives]
         check(len(set(slugs)) == len(slugs), f"perspectives: two of them share a deployment name ({slugs})")
+        check(len(set(self.pool)) == len(self.pool), "pool: listed twice")
+        check(ALL not in self.pool or self.pool == [ALL], f"pool: {ALL!r} stands alone (every other perspective)")
+        both = sorted(set(self.pool) & set(self.perspectives))
+        check(not both, f"pool: {both} also have their own deployment (perspectives); list each in one of them")
+        check(not self.pool or self.backend != "fused", "pool: needs backend replicas or both (fused serves all)")
         check(self.route_prefix.startswith("/"), "route_prefix: must start with '/'")
         check(1 <= self.port <= 65535, "port: must be in 1..65535")
         check(self.replica_cpus >= 0 and self.aggregator_cpus >= 0, "replica_cpus, aggregator_cpus: must be >= 0")
@@ -134,6 +152,7 @@ class ServeConfig(StageConfig):
         check(self.torch_threads >= 0, "torch_threads: must be >= 0 (0: from num_cpus)")
         check(self.max_batch_rows >= 1, "max_batch_rows: must be >= 1")
         check(self.max_batch_tokens >= 1, "max_batch_tokens: must be >= 1")
+        check(0 <= self.batch_gather_s <= 1, "batch_gather_s: seconds in 0..1 (0: no wait)")
         check(self.max_sessions >= 0, "max_sessions: must be >= 0")
         check(self.session_ttl_s > 0, "session_ttl_s: must be > 0")
         check(bool(self.api_keys_env.strip()), "api_keys_env: name an environment variable")
@@ -146,9 +165,9 @@ class ServeConfig(StageConfig):
         check(self.request_timeout_s > 0 and self.step_timeout_s > 0, "request_timeout_s, step_timeout_s: > 0")
         for name, options in self.deployments.items():
             check(
-                name in (AGGREGATOR, BASE, FUSED, PERSPECTIVE) or name.startswith(f"{PERSPECTIVE}-"),
-                f"deployments: unknown deployment {name!r}; use {AGGREGATOR}, {BASE}, {FUSED}, {PERSPECTIVE} "
-                f"or {PERSPECTIVE}-<perspective slug>",
+                name in (AGGREGATOR, BASE, FUSED, POOL, PERSPECTIVE) or name.startswith(f"{PERSPECTIVE}-"),
+                f"deployments: unknown deployment {name!r}; use {AGGREGATOR}, {BASE}, {FUSED}, {POOL}, "
+                f"{PERSPECTIVE} or {PERSPECTIVE}-<perspective slug>",
             )
             check(isinstance(options, dict), f"deployments.{name}: expected a mapping of Serve options")
             unknown = sorted(set(options) - set(DEPLOYMENT_KEYS))
@@ -215,10 +234,12 @@ def _check_autoscaling(value: Any, where: str) -> None:
 
 __all__ = [
     "AGGREGATOR",
+    "ALL",
     "BASE",
     "DEFAULT_API_KEYS_ENV",
     "FUSED",
     "PERSPECTIVE",
+    "POOL",
     "ServeConfig",
     "perspective_deployment",
     "slug",

@@ -1,10 +1,12 @@
 """The fan-out client: the aggregator's calls to the model deployments, apart from HTTP.
 
-:class:`Fanout` holds the deployment handles — one per perspective plus ``BaseModel`` (``replicas``
-backend) and/or ``FusedPlural`` (``fused``) — and runs one generation step by step:
+:class:`Fanout` holds the deployment handles — one per perspective with its own deployment, the shared
+``PerspectivePool`` for the pooled ones, plus ``BaseModel`` (``replicas`` backend) and/or ``FusedPlural``
+(``fused``) — and runs one generation step by step:
 
 - every step fans out to the K perspectives' deployments (and ``BaseModel`` where the mode needs the
-  unsteered logits) concurrently, or makes one ``step_rows`` call to ``FusedPlural``;
+  unsteered logits) concurrently — the pooled perspectives among the K as one ``step_rows`` call to the
+  pool, their rows one forward on one replica — or makes one ``step_rows`` call to ``FusedPlural``;
 - each call carries the session id, so the replica keeps the session's KV cache and Serve's router sends
   the session's next step back to it (:mod:`serve.routing`);
 - a call whose replica died (``RayActorError``, ``ActorUnavailableError``) or that got no answer within
@@ -26,7 +28,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing
 from typing import Any
 
@@ -34,7 +36,7 @@ import numpy as np
 import ray
 import torch
 
-from serve.config import BASE, FUSED, perspective_deployment
+from serve.config import BASE, FUSED, POOL, perspective_deployment
 from serve.errors import ApiError
 from serve.generation import Generated, GenParams, StepLogits, TextStream, TokenEvent, plural_decode
 from serve.metrics import Metrics
@@ -55,8 +57,9 @@ async def _quiet(response: Any) -> None:
 class Fanout:
     """Calls to the model deployments for one aggregator replica (see the module docstring).
 
-    ``replicas`` maps perspective -> its ``PerspectiveModel`` handle; ``base`` / ``fused`` may be ``None``
-    when that backend is not deployed. ``metrics`` receives per-deployment calls, latency, tokens, replays.
+    ``replicas`` maps perspective -> its ``PerspectiveModel`` handle; ``pool`` is the ``PerspectivePool``
+    handle serving the perspectives in ``pooled``; ``base`` / ``fused`` may be ``None`` when that backend is
+    not deployed. ``metrics`` receives per-deployment calls, latency, tokens, replays.
     """
 
     def __init__(
@@ -65,12 +68,20 @@ class Fanout:
         base: Any = None,
         fused: Any = None,
         *,
+        pool: Any = None,
+        pooled: Sequence[str] = (),
         step_timeout_s: float,
         request_timeout_s: float,
         metrics: Metrics | None = None,
     ) -> None:
         self.replicas = dict(replicas)
         self.base, self.fused = base, fused
+        self.pool, self.pooled = pool, frozenset(pooled)
+        if self.pooled and pool is None:
+            raise ValueError("pooled perspectives need the pool's handle")
+        both = sorted(self.pooled & set(self.replicas))
+        if both:
+            raise ValueError(f"perspectives {both} are both pooled and deployed on their own")
         self.step_timeout_s, self.request_timeout_s = step_timeout_s, request_timeout_s
         self.metrics = metrics if metrics is not None else Metrics()
         self._tasks: set[asyncio.Task] = set()
@@ -137,14 +148,25 @@ class Fanout:
             ]
             steered, base = (logits[:k] if k else None), (logits[k] if needs_base else None)
         else:
-            targets = [(self.replicas[p], perspective_deployment(p)) for p in perspectives]
+            own = [p for p in perspectives if p not in self.pooled]
+            pooled = [p for p in perspectives if p in self.pooled]
+            targets = [(self.replicas[p], perspective_deployment(p)) for p in own]
             targets += [(self.base, BASE)] if needs_base else []
-            answers = await asyncio.gather(
-                *(self.call(h, "step", name, deadline, ids, session=session) for h, name in targets)
-            )
-            results = [(name, a) for (_, name), a in zip(targets, answers, strict=True)]
-            steered = torch.from_numpy(np.stack([a["logits"] for a in answers[:k]])) if k else None
-            base = torch.from_numpy(answers[k]["logits"].copy()) if needs_base else None
+            calls = [self.call(h, "step", name, deadline, ids, session=session) for h, name in targets]
+            if pooled:
+                calls.append(self.call(self.pool, "step_rows", POOL, deadline, ids, pooled, session=session))
+            answers = await asyncio.gather(*calls)
+            rows = {p: (name, a, a["logits"]) for p, (_, name), a in zip(own, targets, answers, strict=False)}
+            if pooled:
+                r = answers[-1]
+                for j, p in enumerate(pooled):
+                    rows[p] = (POOL, {"ran": r["ran"][j], "hit": r["hit"][j], "version": r["version"]}, r["logits"][j])
+            results = [(rows[p][0], rows[p][1]) for p in perspectives]
+            steered = torch.from_numpy(np.stack([rows[p][2] for p in perspectives])) if k else None
+            base = None
+            if needs_base:
+                results.append((BASE, answers[len(own)]))
+                base = torch.from_numpy(answers[len(own)]["logits"].copy())
         replays = 0
         for name, r in results:
             self.metrics.deployment_tokens.labels(name).inc(r["ran"])
@@ -156,11 +178,16 @@ class Fanout:
 
     def release(self, session: str, backend: str, perspectives: Sequence[str], needs_base: bool) -> None:
         """Drop ``session``'s KV caches on every deployment it used, in the background (best effort)."""
-        handles = [self.fused] if backend == "fused" else [self.replicas[p] for p in perspectives]
-        if backend != "fused" and needs_base:
-            handles.append(self.base)
-        for h in handles:
-            task = asyncio.get_running_loop().create_task(_quiet(h.release.remote(session=session)))
+        calls: list[tuple[Any, dict[str, Any]]] = []
+        if backend == "fused":
+            calls.append((self.fused, {}))
+        else:
+            calls += [(self.replicas[p], {}) for p in perspectives if p not in self.pooled]
+            pooled = [p for p in perspectives if p in self.pooled]
+            calls += [(self.pool, {"perspectives": pooled})] if pooled else []
+            calls += [(self.base, {})] if needs_base else []
+        for h, extra in calls:
+            task = asyncio.get_running_loop().create_task(_quiet(h.release.remote(session=session, **extra)))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -208,11 +235,17 @@ class Fanout:
         return Generated(params.ids, stream.text, finish, events, {"replays": replays, "vector_versions": versions})
 
     # -- replica stats ----------------------------------------------------------------------------------------
-    async def stats(self, timeout_s: float = 5.0) -> list[tuple[str, dict[str, Any]]]:
-        """``(deployment, stats)`` of one replica of every deployment that answers within ``timeout_s``."""
+    async def stats(
+        self, timeout_s: float = 5.0, running: Callable[[str], bool] | None = None
+    ) -> list[tuple[str, dict[str, Any]]]:
+        """``(deployment, stats)`` of one replica of every deployment that answers within ``timeout_s``;
+        ``running(name)`` false skips a deployment (one scaled to zero is not woken by a scrape)."""
         targets = [(perspective_deployment(p), h) for p, h in self.replicas.items()]
+        targets += [(POOL, self.pool)] if self.pool is not None else []
         targets += [(BASE, self.base)] if self.base is not None else []
         targets += [(FUSED, self.fused)] if self.fused is not None else []
+        if running is not None:
+            targets = [(n, h) for n, h in targets if running(n)]
 
         async def one(name: str, handle: Any) -> tuple[str, dict[str, Any]] | None:
             try:

@@ -1,4 +1,5 @@
 """The model deployments (DESIGN §4): ``PerspectiveModel`` (one steered perspective, bound once per perspective),
+``PerspectivePool`` (any perspective of the set on any replica: a hundred perspectives on a few replicas),
 ``BaseModel`` (unsteered) and ``FusedPlural`` (every perspective as rows of one batch on one model).
 
 Each replica loads the model once, follows its vector set in the registry (a new version is picked up
@@ -25,7 +26,7 @@ from sae.lm import load_lm, resolve_device
 from sae.model import SparseAutoencoder
 from sae.vectorset import sae_fingerprint
 from serve.batcher import ContinuousBatcher
-from serve.config import BASE, FUSED, PERSPECTIVE, ServeConfig
+from serve.config import BASE, FUSED, PERSPECTIVE, POOL, ServeConfig
 from serve.engine import Row, RowOut, SessionCache, Steering, StepEngine
 from serve.fused import FusedEngine, self_check
 
@@ -97,19 +98,33 @@ class VectorSource:
 
 class ModelServer:
     """The body of every model deployment: model, engine, batcher. ``perspective`` fixes the steering of a
-    ``PerspectiveModel``; ``None`` with ``fused=False`` is the unsteered ``BaseModel``."""
+    ``PerspectiveModel``; ``pooled`` serves every perspective of the set (``PerspectivePool``, rows name
+    their perspective); neither, with ``fused=False``, is the unsteered ``BaseModel``."""
 
-    def __init__(self, cfg: dict[str, Any], perspective: str | None = None, *, fused: bool = False, threads: int = 1):
+    def __init__(
+        self,
+        cfg: dict[str, Any],
+        perspective: str | None = None,
+        *,
+        fused: bool = False,
+        pooled: bool = False,
+        threads: int = 1,
+    ):
 
         self.cfg = ServeConfig.from_dict(cfg)
         torch.set_num_threads(max(1, threads))
         self.perspective = perspective
         self.fused = fused
-        self.name = FUSED if fused else (BASE if perspective is None else f"{PERSPECTIVE}[{perspective}]")
+        self.pooled = pooled
+        if fused or pooled:
+            self.name = FUSED if fused else POOL
+        else:
+            self.name = BASE if perspective is None else f"{PERSPECTIVE}[{perspective}]"
         device = str(resolve_device(self.cfg.device))
         started = time.perf_counter()
         self.model, tokenizer = load_lm(self.cfg.model, dtype=self.cfg.dtype, device=device)
-        self.source = VectorSource(self.cfg, device) if (fused or perspective is not None) else None
+        steered = fused or pooled or perspective is not None
+        self.source = VectorSource(self.cfg, device) if steered else None
         if self.source is not None:
             steering = self.source.current()
             if perspective is not None and perspective not in steering.vector_set.vectors:
@@ -144,7 +159,7 @@ class ModelServer:
             else:
                 log.warning("%s: rows run unshared (the shared-trunk check failed: %s)", self.name, problem)
         self.batcher: ContinuousBatcher[list[Row], list[RowOut]] = ContinuousBatcher(
-            self._run, max_rows=self.cfg.max_batch_rows, size=len
+            self._run, max_rows=self.cfg.max_batch_rows, size=len, gather_s=self.cfg.batch_gather_s
         )
         self.load_seconds = time.perf_counter() - started
         log.info("%s: model loaded on %s in %.1f s", self.name, device, self.load_seconds)
@@ -166,7 +181,8 @@ class ModelServer:
         return {"logits": out.logits, "ran": out.ran, "hit": out.hit, "version": self._version()}
 
     async def step_rows(self, ids: list[int], perspectives: list[str | None], *, session: str | None = None):
-        """``FusedPlural``: next-token logits ``[rows, vocab]`` after ``ids`` for each of ``perspectives``."""
+        """``FusedPlural``, ``PerspectivePool``: next-token logits ``[rows, vocab]`` after ``ids`` for each of
+        ``perspectives`` (one forward for the rows; the fused engine also shares their lower blocks)."""
         group = session if session is not None else uuid.uuid4().hex
         rows = [Row(session_key(session, p), ids, p, group) for p in perspectives]
         outs = await self.batcher.submit(rows)
@@ -177,13 +193,15 @@ class ModelServer:
             "version": self._version(),
         }
 
-    async def release(self, session: str) -> int:
-        """Drop a finished session's caches (best effort; the TTL drops what is never released)."""
-        keys = [session_key(session, p) for p in self._perspectives()] + [f"{session}/#fused"]
+    async def release(self, session: str, perspectives: list[str] | None = None) -> int:
+        """Drop a finished session's caches (best effort; the TTL drops what is never released); a pool is
+        told the session's ``perspectives`` (default: every one of the set)."""
+        chosen = self._perspectives() if perspectives is None else perspectives
+        keys = [session_key(session, p) for p in chosen] + [f"{session}/#fused"]
         return sum(self.engine.cache.drop(k) for k in keys if k is not None)
 
     def _perspectives(self) -> list[str | None]:
-        if not self.fused:
+        if not (self.fused or self.pooled):
             return [self.perspective]
         return [*self.source.current().vector_set.perspectives, None]  # type: ignore[union-attr]
 
@@ -193,6 +211,7 @@ class ModelServer:
         sae = self.source.sae if self.source is not None else None
         return {
             "deployment": self.name,
+            "perspectives": 0 if self.source is None else len(self.source.current().vector_set.vectors),
             "pid": os.getpid(),
             "node_id": ray.get_runtime_context().get_node_id(),
             "rss_bytes": process_memory(),
@@ -206,6 +225,8 @@ class ModelServer:
             "version": self._version(),
             "batches": self.batcher.batches,
             "batched_items": self.batcher.items,
+            "batched_rows": self.batcher.rows,
+            "gathered_s": self.batcher.gathered_s,
             **self.engine.counters,
         }
 
@@ -226,6 +247,16 @@ class PerspectiveModel(ModelServer):
         super().__init__(cfg, perspective, threads=threads)
 
 
+@serve.deployment(name=POOL)
+class PerspectivePool(ModelServer):
+    """Any perspective of the set, on any replica: the model and SAE once per replica, every vector of the
+    set beside them (a few KB each). Steps name their perspectives (``step_rows``); the session router
+    (:mod:`serve.routing`) keeps a session's steps on the replica holding its KV caches."""
+
+    def __init__(self, cfg: dict[str, Any], threads: int = 1) -> None:
+        super().__init__(cfg, None, pooled=True, threads=threads)
+
+
 @serve.deployment(name=FUSED)
 class FusedPlural(ModelServer):
     """All perspectives (and the unsteered row) as rows of one batch on one model."""
@@ -234,4 +265,6 @@ class FusedPlural(ModelServer):
         super().__init__(cfg, None, fused=True, threads=threads)
 
 
-__all__ = ["BaseModel", "FusedPlural", "ModelServer", "PerspectiveModel", "VectorSource", "process_memory"]
+__all__ = [
+    "BaseModel", "FusedPlural", "ModelServer", "PerspectiveModel", "PerspectivePool", "VectorSource", "process_memory",
+]  # fmt: skip

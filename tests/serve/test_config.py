@@ -60,12 +60,24 @@ def test_defaults_and_per_deployment_options() -> None:
         ({"vectors": "x", "min_replicas": 3, "max_replicas": 2}, "need 0 <= min <= max"),
         ({"vectors": "x", "backend": "mixed"}, "backend: must be one of"),
         ({"vectors": "x", "default_max_tokens": 600}, "default_max_tokens"),
+        ({"vectors": "x", "perspectives": ["A"], "pool": ["A", "B"]}, "pool: ['A'] also have their own deployment"),
+        ({"vectors": "x", "pool": ["*", "B"]}, "pool: '*' stands alone"),
+        ({"vectors": "x", "pool": ["*"], "backend": "fused"}, "pool: needs backend replicas or both"),
+        ({"vectors": "x", "batch_gather_s": 5}, "batch_gather_s"),
     ],
 )
 def test_bad_configs_name_the_field(data: dict, message: str) -> None:
     with pytest.raises(ConfigError) as err:
         ServeConfig.from_dict(data)
     assert message in str(err.value)
+
+
+def test_a_pool_is_one_deployment_whatever_the_number_of_perspectives() -> None:
+    cfg = ServeConfig.from_dict({"vectors": "x", "perspectives": ["a"], "pool": ["*"], "replica_cpus": 0.25,
+                                 "deployments": {"PerspectivePool": {"num_replicas": 3}}})  # fmt: skip
+    assert deployment_names(cfg, ["a"]) == ["PluralAggregator", "BaseModel", "PerspectiveModel-a", "PerspectivePool"]
+    assert cpus_needed(cfg, ["a"]) == pytest.approx(0.25 + 0.25 + 0.25 + 3 * 0.25)
+    assert cfg.deployment_options("PerspectivePool")["num_replicas"] == 3
 
 
 def _app_and_names(serve_config: dict) -> tuple[dict, set[str]]:

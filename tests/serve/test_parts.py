@@ -43,6 +43,47 @@ def test_continuous_batching_takes_what_queued_while_busy() -> None:
     assert [1] in seen and [2] in seen and [4] in seen[-1:]  # a failing batch reruns item by item
 
 
+@pytest.mark.parametrize("gather_s", [0.0, 0.2])
+def test_sessions_returning_a_round_trip_apart_share_one_forward_with_gathering(gather_s: float) -> None:
+    """4 sessions whose next steps come back 0-12 ms apart (a round trip through Serve): without gathering they
+    split into groups that alternate and never merge; with it every decoding batch after the first holds
+    all 4 (and a lone session never waits: its batches start at once)."""
+    import random
+    import time
+
+    sizes: list[int] = []
+
+    def run(items: list[int]) -> list[int]:
+        time.sleep(0.03)  # a forward
+        sizes.append(len(items))
+        return items
+
+    async def main() -> float:
+        batcher = ContinuousBatcher(run, max_rows=8, gather_s=gather_s)
+        rng = random.Random(0)
+
+        async def session(i: int) -> None:
+            await asyncio.sleep(0.012 * i)  # they start apart
+            for _ in range(12):
+                await batcher.submit(i)
+                await asyncio.sleep(rng.uniform(0, 0.012))  # the answer's way back and the next step's way in
+
+        await asyncio.gather(*(session(i) for i in range(4)))
+        alone = time.perf_counter()
+        for _ in range(3):
+            await batcher.submit(9)
+        return time.perf_counter() - alone
+
+    lone = asyncio.run(main())
+    shared = sizes[4:-3]
+    if gather_s:
+        assert sum(shared) / len(shared) > 3.5, sizes
+        assert lone < 3 * 0.03 + 0.2  # one wait at most (for the 4 that did not come back), then none
+    else:
+        assert sum(shared) / len(shared) < 3.0, sizes  # what gathering fixes
+    assert sizes[-3:] == [1, 1, 1]
+
+
 class _Tok:
     """Characters as tokens: id = code point; EOS = 0."""
 
