@@ -150,6 +150,15 @@ def absolute(location: Location) -> Location:
     return location if is_uri(location) else Path(os.fspath(location)).expanduser().resolve()
 
 
+def local_parent(location: Location) -> Path:
+    """A local directory for the side files of an artifact at ``location`` (W&B's offline runs): the parent
+    directory of a local path; ``./runs`` for an object-store URI."""
+    if is_uri(location):
+        fs, path = resolve(location)
+        return Path(path).parent if isinstance(fs, pafs.LocalFileSystem) else Path("runs")
+    return Path(os.fspath(location)).parent
+
+
 def display(location: Location) -> str:
     """``location`` for messages, without query parameters (they may hold credentials)."""
     return str(location).split("?", 1)[0] if is_uri(location) else str(location)
@@ -340,6 +349,7 @@ __all__ = [
     "join",
     "listdir",
     "local_copy",
+    "local_parent",
     "makedirs",
     "name",
     "read_bytes",
