@@ -12,6 +12,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from sae.storage import display, is_uri
+
 PROJECT_ENV = "PLURISTEER_WANDB_PROJECT"
 DEFAULT_PROJECT = "pluristeer"
 
@@ -75,8 +77,12 @@ class Tracker:
                 self.run.summary[key] = value
 
     def log_artifact(self, path: str | Path, *, name: str, type: str, metadata: dict[str, Any] | None = None) -> None:
-        """Log a file or directory as a W&B artifact (e.g. an SAE dir, a VectorSet file)."""
+        """Log a file or directory as a W&B artifact (e.g. an SAE dir, a VectorSet file). An object-store URI
+        is recorded in the run's summary instead (``artifact/<name>``): W&B's S3 references need boto3."""
         if self.run is None:
+            return
+        if is_uri(path):
+            self.summary({f"artifact/{name}": display(path)})
             return
         import wandb
 

@@ -9,6 +9,10 @@ so a killed worker restarts from it (``max_failures``), and rerunning the same c
 tokens/s and MFU to W&B. At the end the driver writes one sae-lens directory per SAE into ``output_dir``
 (normalisation folded in) with ``training.json``, and evaluates each on held-out corpus text (MSE,
 explained variance, L0, dead fraction, CE loss recovered).
+
+``store`` and ``output_dir`` may be URIs (``s3://bucket/prefix``, :mod:`sae.storage`): the workers stream
+shards from the object store, Ray Train keeps its checkpoints there (``RunConfig.storage_filesystem``),
+and the SAE directories are uploaded file by file (W&B's offline runs stay local, under ``./runs``).
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from pipelines.corpus import iter_documents
 from pipelines.datasets import data_dir
 from pipelines.store import MANIFEST, ActivationStore, StoreError
 from pipelines.tracking import Tracker
-from sae.atomic import atomic_write_json, sha256_file
+from sae import storage
 from sae.evaluate import ce_loss_recovered, reconstruction_metrics
 from sae.hooks import residuals
 from sae.lm import EMBEDDED, load_lm
@@ -60,7 +64,7 @@ TRAINING_FILE = "training.json"
 class TrainConfig(StageConfig):
     """Configuration of ``pluristeer train`` (YAML fields; override with ``--set field=value``)."""
 
-    store: Path = Path("runs/store")  # activation store directory (pluristeer collect's output)
+    store: Path = Path("runs/store")  # activation store (pluristeer collect's output): a directory or a URI
     layer: int | None = None  # None: the store's only layer
     expansions: list[float] = field(default_factory=lambda: [8.0, 32.0])  # one SAE per expansion
     k: int = 32
@@ -87,7 +91,7 @@ class TrainConfig(StageConfig):
     keep_checkpoints: int = 2
     max_failures: int = 3
     log_every: int = 10  # steps
-    output_dir: Path = Path("runs/train")
+    output_dir: Path = Path("runs/train")  # or a URI (s3://bucket/prefix): SAE directories and checkpoints
     name: str | None = None  # Ray Train run name; None: derived from the store and layer
     ray_address: str | None = None
     seed: int = 0
@@ -165,14 +169,14 @@ class TrainConfig(StageConfig):
         )
 
     def run_name(self, layer: int) -> str:
-        return self.name or f"sae-{Path(self.store).name}-L{layer}"
+        return self.name or f"sae-{storage.name(self.store)}-L{layer}"
 
 
 @dataclass
 class TrainResult:
     """What :func:`run_train` returns: the SAE directories, their metrics, and the Ray checkpoint."""
 
-    sae_dirs: dict[str, Path]
+    sae_dirs: dict[str, storage.Location]
     metrics: dict[str, dict[str, Any]]
     checkpoint: str | None
     steps: int
@@ -343,15 +347,14 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     peak = matmul_peak_flops(device, lp or torch.float32)
     flops = sum(flops_per_token(s) for s in trainer.saes.values())
     if rank == 0 and cfg.track:
-        tracker = Tracker("train", cfg.to_dict(), cfg.output_dir, name=f"{cfg.run_name(layer)}-r{resumed_from}")
-    marker = Path(cfg.output_dir) / f".{cfg.run_name(layer)}.failure-injected"
+        tracker = Tracker("train", cfg.to_dict(), _wandb_dir(cfg), name=f"{cfg.run_name(layer)}-r{resumed_from}")
+    marker = storage.join(cfg.output_dir, f".{cfg.run_name(layer)}.failure-injected")
     clock, clock_tokens = time.perf_counter(), trainer.tokens
     try:
         while trainer.step < total:
             outs = trainer.train_step(next(batches))
-            if trainer.step == cfg.inject_failure_at_step and rank == world - 1 and not marker.exists():
-                marker.parent.mkdir(parents=True, exist_ok=True)
-                marker.touch()
+            if trainer.step == cfg.inject_failure_at_step and rank == world - 1 and not storage.exists(marker):
+                storage.write_bytes(marker, b"")
                 time.sleep(5)  # let the controller collect the last reports (it polls every 2 s) before dying
                 os.kill(os.getpid(), signal.SIGKILL)
             last = trainer.step == total
@@ -388,6 +391,21 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             tracker.finish()
 
 
+def _wandb_dir(cfg: TrainConfig) -> Path:
+    """Where W&B keeps its (offline) runs: ``output_dir``, or ``./runs`` when that is an object store."""
+    return storage.local_parent(storage.join(cfg.output_dir, TRAINING_FILE))
+
+
+def _ray_storage(output: storage.Location) -> dict[str, Any]:
+    """``RunConfig`` storage arguments for Ray Train's checkpoints under ``output/ray``: a local path, or
+    the object store's path with its ``pyarrow`` filesystem (Ray takes the path without ``s3://`` then)."""
+    target = storage.join(output, "ray")
+    if not storage.is_uri(target):
+        return {"storage_path": str(target)}
+    filesystem, path = storage.resolve(target)
+    return {"storage_path": path, "storage_filesystem": filesystem}
+
+
 def _worker_nodes(world: int) -> list[str]:
     """The Ray node id of every rank, in rank order (one all-gather over the process group)."""
     import torch.distributed as dist
@@ -406,10 +424,10 @@ def run_train(cfg: TrainConfig) -> TrainResult:
 
     store, layer = _store_and_layer(cfg)
     cfg.trainer_config(len(store))  # fail early on a too-small store
-    output = Path(cfg.output_dir).resolve()
-    output.mkdir(parents=True, exist_ok=True)
+    output = storage.absolute(cfg.output_dir)
+    storage.makedirs(output)
     init_ray(cfg.ray_address)
-    cfg_dict = {**cfg.to_dict(), "store": str(Path(cfg.store).resolve()), "output_dir": str(output)}
+    cfg_dict = {**cfg.to_dict(), "store": str(storage.absolute(cfg.store)), "output_dir": str(output)}
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"cfg": cfg_dict},
@@ -422,7 +440,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
         ),
         run_config=ray.train.RunConfig(
             name=cfg.run_name(layer),
-            storage_path=str(output / "ray"),
+            **_ray_storage(output),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             worker_runtime_env={"env_vars": {"PYTHONPATH": _pythonpath()}},
@@ -438,11 +456,16 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     return TrainResult(
         sae_dirs=sae_dirs,
         metrics=metrics,
-        checkpoint=result.checkpoint.path,
+        checkpoint=_checkpoint_location(output, result.checkpoint.path),
         steps=int(trainer_state["step"]),
         tokens=int(trainer_state["tokens"]),
         report=final,
     )
+
+
+def _checkpoint_location(output: storage.Location, path: str) -> str:
+    """Ray's checkpoint path as the user wrote the output: with the URI's scheme for an object store."""
+    return f"{str(output).split('://', 1)[0]}://{path}" if storage.is_uri(output) else path
 
 
 def _pythonpath() -> str:
@@ -459,7 +482,7 @@ def export_saes(
     model_state: dict[str, Any],
     trainer_state: dict[str, Any],
     final_metrics: dict[str, Any],
-) -> tuple[dict[str, Path], dict[str, dict[str, Any]]]:
+) -> tuple[dict[str, storage.Location], dict[str, dict[str, Any]]]:
     """Write one sae-lens directory per SAE (``cfg.json``, ``sae_weights.safetensors``, ``training.json``)
     and evaluate them; returns their paths and metrics by name."""
     tcfg = cfg.trainer_config(len(store))
@@ -476,15 +499,15 @@ def export_saes(
     }
     saes = trainer.export(metadata)
     evaluation = evaluate_on_heldout(cfg, store, layer, saes) if cfg.eval_tokens else {}
-    dirs: dict[str, Path] = {}
+    dirs: dict[str, storage.Location] = {}
     metrics: dict[str, dict[str, Any]] = {}
     for name, sae in saes.items():
-        path = Path(cfg.output_dir) / f"L{layer}-{name}"
+        path = storage.join(cfg.output_dir, f"L{layer}-{name}")
         sae.save(path)
         train_metrics = {k.split("/", 1)[1]: v for k, v in final_metrics.items() if k.startswith(f"{name}/")}
         metrics[name] = {"train": train_metrics, "eval": evaluation.get(name, {})}
-        atomic_write_json(
-            path / TRAINING_FILE,
+        storage.write_json(
+            storage.join(path, TRAINING_FILE),
             {
                 "config": cfg.to_dict(),
                 "spec": asdict(trainer.specs[name]),
@@ -497,7 +520,7 @@ def export_saes(
                 "worker_nodes": final_metrics.get("worker_nodes", []),
                 "store": {
                     "path": str(store.root),
-                    "manifest_sha256": sha256_file(store.root / MANIFEST),
+                    "manifest_sha256": storage.sha256(storage.join(store.root, MANIFEST)),
                     "rows": len(store),
                     "model": manifest.model,
                 },
@@ -510,9 +533,11 @@ def export_saes(
     return dirs, metrics
 
 
-def _log_final(cfg: TrainConfig, layer: int, dirs: dict[str, Path], metrics: dict[str, dict[str, Any]]) -> None:
+def _log_final(
+    cfg: TrainConfig, layer: int, dirs: dict[str, storage.Location], metrics: dict[str, dict[str, Any]]
+) -> None:
 
-    with Tracker("train", cfg.to_dict(), cfg.output_dir, name=f"{cfg.run_name(layer)}-final") as tracker:
+    with Tracker("train", cfg.to_dict(), _wandb_dir(cfg), name=f"{cfg.run_name(layer)}-final") as tracker:
         flat = {f"{n}/{part}/{k}": v for n, m in metrics.items() for part, d in m.items() for k, v in d.items()}
         tracker.summary({k: v for k, v in flat.items() if isinstance(v, int | float)})
         for name, path in dirs.items():
