@@ -43,7 +43,7 @@ class Tracker:
     ) -> None:
         self.stage = stage
         self.mode = mode or wandb_mode()
-        self.directory = Path(directory)
+        self.directory = Path("runs") if is_uri(directory) else Path(directory)  # W&B writes local files
         self.run: Any = None
         if self.mode == "disabled":
             return

@@ -347,7 +347,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     peak = matmul_peak_flops(device, lp or torch.float32)
     flops = sum(flops_per_token(s) for s in trainer.saes.values())
     if rank == 0 and cfg.track:
-        tracker = Tracker("train", cfg.to_dict(), _wandb_dir(cfg), name=f"{cfg.run_name(layer)}-r{resumed_from}")
+        tracker = Tracker("train", cfg.to_dict(), cfg.output_dir, name=f"{cfg.run_name(layer)}-r{resumed_from}")
     marker = storage.join(cfg.output_dir, f".{cfg.run_name(layer)}.failure-injected")
     clock, clock_tokens = time.perf_counter(), trainer.tokens
     try:
@@ -389,11 +389,6 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     finally:
         if tracker is not None:
             tracker.finish()
-
-
-def _wandb_dir(cfg: TrainConfig) -> Path:
-    """Where W&B keeps its (offline) runs: ``output_dir``, or ``./runs`` when that is an object store."""
-    return storage.local_parent(storage.join(cfg.output_dir, TRAINING_FILE))
 
 
 def _ray_storage(output: storage.Location) -> dict[str, Any]:
@@ -537,7 +532,7 @@ def _log_final(
     cfg: TrainConfig, layer: int, dirs: dict[str, storage.Location], metrics: dict[str, dict[str, Any]]
 ) -> None:
 
-    with Tracker("train", cfg.to_dict(), _wandb_dir(cfg), name=f"{cfg.run_name(layer)}-final") as tracker:
+    with Tracker("train", cfg.to_dict(), cfg.output_dir, name=f"{cfg.run_name(layer)}-final") as tracker:
         flat = {f"{n}/{part}/{k}": v for n, m in metrics.items() for part, d in m.items() for k, v in d.items()}
         tracker.summary({k: v for k, v in flat.items() if isinstance(v, int | float)})
         for name, path in dirs.items():
