@@ -33,9 +33,10 @@ def free_port() -> int:
 class S3Server:
     """``python -m moto.server`` on 127.0.0.1; :meth:`start` waits until it answers, :meth:`stop` ends it."""
 
-    def __init__(self, port: int | None = None, *, start_timeout: float = 30.0) -> None:
+    def __init__(self, port: int | None = None, *, start_timeout: float = 30, check_credentials: bool = False) -> None:
         self.port = port or free_port()
         self.start_timeout = start_timeout
+        self.check_credentials = check_credentials  # moto then refuses every key it has not issued itself
         self.proc: subprocess.Popen | None = None
         self.log = Path(tempfile.mkstemp(prefix="moto-", suffix=".log")[1])
 
@@ -59,7 +60,11 @@ class S3Server:
                 [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, "MOTO_PORT": str(self.port)},
+                env={
+                    **os.environ,
+                    "MOTO_PORT": str(self.port),
+                    **({"INITIAL_NO_AUTH_ACTION_COUNT": "0"} if self.check_credentials else {}),
+                },
             )
         deadline = time.monotonic() + self.start_timeout
         while True:

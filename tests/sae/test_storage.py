@@ -141,3 +141,18 @@ def test_silent_endpoint_times_out_in_seconds(monkeypatch):
         with pytest.raises(storage.StorageError, match="s3://silent/x"):
             storage.exists("s3://silent/x")
         assert time.monotonic() - started < 8
+
+
+def test_bad_credentials_fail_in_seconds_naming_the_uri(monkeypatch):
+    from tests.s3_server import S3Server
+
+    with S3Server(check_credentials=True) as server:
+        for key, value in server.env.items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "not-a-key")
+        started = time.monotonic()
+        with pytest.raises(storage.StorageError, match=r"s3://locked/store/manifest.json.*ACCESS_DENIED"):
+            storage.read_bytes("s3://locked/store/manifest.json")
+        with pytest.raises(storage.StorageError, match=r"s3://locked/store/x.bin.*INVALID_ACCESS_KEY_ID"):
+            storage.write_bytes("s3://locked/store/x.bin", b"x")
+        assert time.monotonic() - started < 10
