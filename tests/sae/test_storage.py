@@ -4,7 +4,11 @@ errors that name the URI, and an unreachable endpoint that fails in seconds."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -156,3 +160,29 @@ def test_bad_credentials_fail_in_seconds_naming_the_uri(monkeypatch):
         with pytest.raises(storage.StorageError, match=r"s3://locked/store/x.bin.*INVALID_ACCESS_KEY_ID"):
             storage.write_bytes("s3://locked/store/x.bin", b"x")
         assert time.monotonic() - started < 10
+
+
+@pytest.mark.fault
+def test_an_uploader_killed_mid_upload_leaves_no_object(s3_server, s3_bucket):
+    """SIGKILL a process while its (multipart) upload is in flight: the object never appears."""
+    import boto3
+
+    target = storage.join(s3_bucket, "store", "shard-00000.parquet")
+    code = (
+        "import sys; from sae import storage; print('go', flush=True); "
+        "storage.write_bytes(sys.argv[1], b'x' * (96 << 20))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.Popen([sys.executable, "-c", code, target], env=env, stdout=subprocess.PIPE)
+    client = boto3.client("s3", endpoint_url=s3_server.endpoint, region_name="us-east-1")
+    try:
+        assert proc.stdout.readline() == b"go\n"
+        deadline = time.monotonic() + 30
+        while not client.list_multipart_uploads(Bucket=s3_bucket[5:]).get("Uploads"):
+            assert proc.poll() is None and time.monotonic() < deadline, "the upload finished before it could be killed"
+            time.sleep(0.01)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)  # the process this test started
+        proc.wait()
+    assert client.list_multipart_uploads(Bucket=s3_bucket[5:]).get("Uploads")  # killed mid-upload
+    assert not storage.exists(target) and storage.listdir(storage.join(s3_bucket, "store")) == []
