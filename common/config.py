@@ -1,8 +1,8 @@
 """Typed stage configs: dataclasses loaded from YAML or dicts, overridden from the CLI, validated on load.
 
-Every field is checked against its annotation (``int``, ``float``, ``str``, ``bool``, ``Path``,
-``Literal[...]``, ``list[...]``, ``X | None``); a config's own ``validate`` adds range checks. Errors
-name the field and what is allowed.
+Every field is checked against its annotation (``int``, ``float``, ``str``, ``bool``, ``Path`` (a URI
+such as ``s3://bucket/prefix`` stays a string), ``Literal[...]``, ``list[...]``, ``X | None``); a config's
+own ``validate`` adds range checks. Errors name the field and what is allowed.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
+
+from sae.storage import is_uri
 
 T = TypeVar("T", bound="StageConfig")
 
@@ -85,6 +87,8 @@ def coerce(value: Any, tp: Any, name: str) -> Any:
             return str(value)
         raise ConfigError(f"{name}: expected a string, got {value!r}")
     if tp is Path:
+        if is_uri(value):  # s3://, gs://, file://: kept as a string (Path would fold "//" into "/")
+            return value
         if isinstance(value, str | Path):
             return Path(value)
         raise ConfigError(f"{name}: expected a path, got {value!r}")

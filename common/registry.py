@@ -7,9 +7,9 @@ published it (an object put by a driver dies with the driver). Versions count 1,
 
 If the actor is lost, Ray restarts it (``max_restarts=-1``), or :class:`RegistryClient` recreates it on its
 next call; either way it rebuilds its table from ``index.json`` and re-puts objects from the files on
-demand. On a multi-node cluster ``root`` must be a directory every node can read (shared or network
-filesystem). Replicas call :meth:`RegistryClient.latest` (one small RPC) to notice a new version, or hold
-a :class:`VectorWatch`.
+demand. On a multi-node cluster ``root`` must be a location every node can read: a shared or network
+filesystem, or an object-store URI (``s3://bucket/registry``, :mod:`sae.storage`). Replicas call
+:meth:`RegistryClient.latest` (one small RPC) to notice a new version, or hold a :class:`VectorWatch`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 import ray
 
 from common.raycluster import init_ray
-from sae.atomic import atomic_write, atomic_write_json
+from sae import storage
 from sae.lm import cache_dir
 from sae.vectorset import VectorSet
 
@@ -60,13 +60,13 @@ class VectorRegistry:
     """The actor's body (a plain class: it also works in-process, without Ray, for a single user)."""
 
     def __init__(self, root: str) -> None:
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root = root if storage.is_uri(root) else Path(root)
+        storage.makedirs(self.root)
         self.entries: dict[str, dict[int, dict[str, Any]]] = {}
         self.refs: dict[tuple[str, int], Any] = {}
-        index = self.root / INDEX
-        if index.is_file():
-            for row in json.loads(index.read_text()).get("entries", []):
+        index = storage.join(self.root, INDEX)
+        if storage.is_file(index):
+            for row in json.loads(storage.read_bytes(index)).get("entries", []):
                 self.entries.setdefault(row["name"], {})[int(row["version"])] = row
 
     def root_dir(self) -> str:
@@ -74,7 +74,7 @@ class VectorRegistry:
 
     def _save_index(self) -> None:
         rows = [e for versions in self.entries.values() for _, e in sorted(versions.items())]
-        atomic_write_json(self.root / INDEX, {"entries": rows})
+        storage.write_json(storage.join(self.root, INDEX), {"entries": rows})
 
     def publish(self, name: str, data: bytes) -> dict[str, Any]:
         """Store ``data`` (a VectorSet file's bytes) as the next version of ``name``; returns its entry."""
@@ -83,8 +83,8 @@ class VectorRegistry:
             raise RegistryError("publish takes a bare name; the registry assigns the version")
         vector_set = VectorSet.from_bytes(data, where=f"published {name!r}")
         version = max(self.entries.get(name, {}), default=0) + 1
-        path = self.root / name / f"v{version}.safetensors"
-        atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+        path = storage.join(self.root, name, f"v{version}.safetensors")
+        storage.write_bytes(path, data)
         meta = asdict(vector_set.meta)
         meta.pop("extra", None)
         entry = {
@@ -126,10 +126,10 @@ class VectorRegistry:
         entry = self._entry(key)
         slot = (entry["name"], entry["version"])
         if slot not in self.refs:
-            path = Path(entry["path"])
-            if not path.is_file():
-                raise RegistryError(f"{entry['key']}: its durable file {path} is gone")
-            self.refs[slot] = self._put(path.read_bytes())
+            path = entry["path"]
+            if not storage.is_file(path):
+                raise RegistryError(f"{entry['key']}: its durable file {storage.display(path)} is gone")
+            self.refs[slot] = self._put(storage.read_bytes(path))
         return {**entry, "ref": self.refs[slot]}
 
     def latest(self, name: str) -> int | None:
@@ -156,7 +156,7 @@ def registry_actor(root: str | Path | None = None, *, address: str | None = None
 
 
     init_ray(address)
-    wanted = str(Path(root).expanduser().resolve()) if root is not None else None
+    wanted = str(storage.absolute(root)) if root is not None else None
     actor_cls = ray.remote(VectorRegistry)
     handle = actor_cls.options(  # type: ignore[attr-defined]
         name=REGISTRY_NAME,
@@ -197,7 +197,7 @@ class RegistryClient:
 
     def publish(self, vector_set: VectorSet | str | Path, name: str) -> str:
         """Publish a set (or a VectorSet file) as the next version of ``name``; returns ``name@version``."""
-        data = vector_set.to_bytes() if isinstance(vector_set, VectorSet) else Path(vector_set).read_bytes()
+        data = vector_set.to_bytes() if isinstance(vector_set, VectorSet) else storage.read_bytes(vector_set)
         return self._call("publish", name, data)["key"]
 
     def entry(self, key: str) -> dict[str, Any]:

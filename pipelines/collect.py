@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import pyarrow.parquet as pq
 import ray
 import ray.data
 
@@ -53,9 +52,11 @@ from pipelines.store import (
     layer_column,
     read_manifest,
     read_shard_metadata,
+    read_shard_table,
     write_shard,
 )
 from pipelines.tracking import Tracker
+from sae import storage
 from sae.lm import _not_found, load_tokenizer, resolve_model
 
 _DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -91,7 +92,7 @@ class CollectConfig(StageConfig):
     dtype: Literal["float32", "float16", "bfloat16", "fp32", "fp16", "bf16"] = "float32"
     # what the shards hold; auto: float16 when the measured range fits (with AUTO_HEADROOM), else float32
     store_dtype: Literal["auto", "float16", "float32", "fp16", "fp32"] = "auto"
-    out: Path = Path("runs/activations")
+    out: Path = Path("runs/activations")  # or a URI: s3://bucket/prefix, gs://..., file://...
     corpus: Path | None = None  # default: <data>/corpus
     sources: list[str] = field(default_factory=lambda: list(SOURCES))  # for the built-in corpus layout
     outlier_factor: float = 10.0  # drop positions with norm > factor x the context's median; <= 0 keeps all
@@ -148,7 +149,7 @@ class CollectResult:
 
     @property
     def bytes_per_token(self) -> float:
-        total = sum((self.out / s.name).stat().st_size for s in self.manifest.shards)
+        total = sum(storage.size(storage.join(self.out, s.name)) for s in self.manifest.shards)
         return total / max(self.manifest.rows, 1)
 
 
@@ -165,7 +166,7 @@ def _plan_key(config: dict[str, Any]) -> dict[str, Any]:
 
 def _check_resumable(cfg: CollectConfig, plan: dict[str, Any]) -> None:
     """Refuse to resume a store whose shards were planned differently."""
-    if not (cfg.out / "manifest.json").exists():
+    if not storage.exists(storage.join(cfg.out, "manifest.json")):
         return
     manifest = read_manifest(cfg.out)
     before, plan = _plan_key(manifest.config), dict(plan)
@@ -238,11 +239,13 @@ def _plan(tokenizer, corpus: Path, cfg: CollectConfig, todo: list[int]) -> np.nd
     return contexts
 
 
-def _truncate(root: Path, info: ShardInfo, rows: int, layers: list[int], dtype: str, compression: str) -> ShardInfo:
+def _truncate(
+    root: storage.Location, info: ShardInfo, rows: int, layers: list[int], dtype: str, compression: str
+) -> ShardInfo:
     """Rewrite shard ``info`` with its first ``rows`` rows; statistics and drop counts recomputed."""
-    path = root / info.name
+    path = storage.join(root, info.name)
     meta = read_shard_metadata(path)
-    table = pq.read_table(path).slice(0, rows)
+    table = read_shard_table(path).slice(0, rows)
     d = table.column(layer_column(layers[0])).type.list_size
     acts = {layer: _to_numpy(table.column(layer_column(layer)), d) for layer in layers}
     extra = {name: table.column(name).to_numpy() for name in ("token_id", "context", "position")}
@@ -261,14 +264,16 @@ def _truncate(root: Path, info: ShardInfo, rows: int, layers: list[int], dtype: 
     return write_shard(root, info.index, acts, extra, dtype, metadata=meta, compression=compression)
 
 
-def _merge(root: Path, shards: list[ShardInfo], layers: list[int]) -> tuple[dict[str, Any], dict[str, int]]:
+def _merge(
+    root: storage.Location, shards: list[ShardInfo], layers: list[int]
+) -> tuple[dict[str, Any], dict[str, int]]:
     """Per-layer statistics and drop counts over ``shards``, from their footers."""
     stats: dict[str, RunningStats] = {}
     dropped = {"bos": 0, "outlier": 0}
     for s in shards:
-        meta = read_shard_metadata(root / s.name)
+        meta = read_shard_metadata(storage.join(root, s.name))
         if "stats" not in meta:
-            raise StoreError(f"{root / s.name}: no statistics in its footer (not written by collect?)")
+            raise StoreError(f"{storage.join(root, s.name)}: no statistics in its footer (not written by collect?)")
         for layer in layers:
             part = RunningStats.from_state(meta["stats"][str(layer)])
             if str(layer) in stats:
@@ -434,7 +439,7 @@ def collect(cfg: CollectConfig, *, echo: Callable[[str], None] = print) -> Colle
         layers=list(cfg.layers),
         dtype=cfg.dtype,
         store_dtype="float32" if store_dtype == AUTO else store_dtype,
-        out=str(cfg.out.resolve()),
+        out=str(storage.absolute(cfg.out)),
         batch_size=cfg.batch_size,
         contexts_per_shard=cfg.contexts_per_shard,
         outlier_factor=cfg.outlier_factor,
@@ -460,7 +465,7 @@ def collect(cfg: CollectConfig, *, echo: Callable[[str], None] = print) -> Colle
         f"collect: {name} layers {cfg.layers} -> {cfg.out} ({len(done)} shards done), {cfg.num_actors} actor(s) "
         f"on {'GPU' if use_gpu else f'CPU ({spec.cpu_threads()} threads each)'}, Ray {ray.__version__}"
     )
-    with Tracker("collect", config, cfg.out.parent, mode=None if cfg.wandb else "disabled") as tracker:
+    with Tracker("collect", config, storage.local_parent(cfg.out), mode=None if cfg.wandb else "disabled") as tracker:
         while (last := _prefix(done, cfg.n_tokens)) is None:
             if not todo:  # a later round: outliers left the first one short
                 todo = _schedule(done, cfg)

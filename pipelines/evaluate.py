@@ -39,7 +39,8 @@ from pipelines.eval_report import findings, perspective_table, plot_conditions, 
 from pipelines.records import DataError, PerspectiveRecord
 from pipelines.tasks import Task, get_task
 from pipelines.tracking import Tracker
-from sae.atomic import atomic_write_json, atomic_write_text, sha256_file
+from sae import storage
+from sae.atomic import atomic_write_json, atomic_write_text
 from sae.lm import resolve_model
 from sae.model import WEIGHTS_FILE, SparseAutoencoder
 
@@ -136,16 +137,18 @@ def sae_facts(saes: dict[str, Path]) -> dict[str, Any]:
     """Path, weights hash and training metrics of each SAE a run steered with."""
     out: dict[str, Any] = {}
     for label, path in sorted(saes.items()):
-        path = Path(path)
-        training = path / "training.json"
-        metrics = json.loads(training.read_text()).get("final_metrics") if training.exists() else None
-        out[label] = {"path": str(path), "sha256": sha256_file(path / WEIGHTS_FILE), "metrics": metrics}
+        training = storage.join(path, "training.json")
+        metrics = storage.read_json(training).get("final_metrics") if storage.exists(training) else None
+        out[label] = {"path": str(path), "sha256": storage.sha256(storage.join(path, WEIGHTS_FILE)), "metrics": metrics}
     return out
 
 
 def _log_sae_artifact(tracker: Any, path: Path, name: str) -> None:
     """An SAE directory as a W&B artifact by reference (checksummed, not copied)."""
     if tracker.run is None:
+        return
+    if storage.is_uri(path):
+        tracker.summary({f"artifact/{name}": storage.display(path)})
         return
     artifact = wandb.Artifact(name=name, type="sae", metadata={"path": str(path.resolve())})
     artifact.add_reference(f"file://{path.resolve()}")
@@ -201,7 +204,7 @@ def run_evaluate(cfg: EvalConfig, *, echo: Callable[[str], None] = print) -> Eva
             tracker.run.log({"rows": wandb.Table(columns=columns, data=[[r.get(k) for k in columns] for r in rows])})
             tracker.run.log({p.stem: wandb.Image(str(p)) for p in files if p.suffix == ".png"})
             for label, path in used.items():
-                _log_sae_artifact(tracker, Path(path), f"sae-{label}-L{layer}")
+                _log_sae_artifact(tracker, path if storage.is_uri(path) else Path(path), f"sae-{label}-L{layer}")
             for key, path in result.vectors.paths.items():
                 tracker.log_artifact(path, name=key.replace("/", "-"), type="vectors")
             tracker.log_artifact(cfg.out, name=f"results-{cfg.run_name}", type="results")

@@ -9,10 +9,15 @@ complete ones with their row count and sha256, so a rerun skips them.
 Numerics: :func:`write_shard` refuses activations with non-finite values or with values beyond the store
 dtype's range (a float16 cast would turn them into inf silently), and readers refuse non-finite rows, naming
 the shard. Parquet and numpy have no bfloat16, so a store holds float16 or float32.
+
+``root`` may be a plain path or a URI (``s3://bucket/prefix``, :mod:`sae.storage`): a shard is written to a
+local temp file and published whole (rename, or one upload), the manifest after it, so a reader or a
+resumed run only ever sees complete shards.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import random
 from collections.abc import Iterator, Sequence
@@ -25,7 +30,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from sae.atomic import atomic_write, atomic_write_json, sha256_file
+from sae import storage
+from sae.storage import Location
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -131,15 +137,25 @@ class Manifest:
             need(count(s.rows) and isinstance(s.sha256, str), f"shard {s.name}: rows or sha256 is not valid")
 
 
-def read_manifest(root: str | Path) -> Manifest:
-    path = Path(root) / MANIFEST
-    if not path.is_file():
-        raise StoreError(f"{root} is not an activation store: {MANIFEST} is missing")
+def _root(root: Location) -> Location:
+    return root if storage.is_uri(root) else Path(root)
+
+
+def read_manifest(root: Location) -> Manifest:
+    path = storage.join(root, MANIFEST)
     try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise StoreError(f"{path}: not valid JSON ({err.msg})") from None
-    return Manifest.from_dict(raw, str(path))
+        raw = json.loads(storage.read_bytes(path))
+    except FileNotFoundError:
+        raise StoreError(f"{storage.display(root)} is not an activation store: {MANIFEST} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise StoreError(f"{storage.display(path)}: not valid JSON ({err})") from None
+    return Manifest.from_dict(raw, storage.display(path))
+
+
+def read_shard_table(path: Location, columns: Sequence[str] | None = None, **kwargs: Any) -> pa.Table:
+    """``pq.read_table`` of one shard file, local or in an object store."""
+    fs, where = storage.resolve(path)
+    return pq.read_table(where, columns=None if columns is None else list(columns), filesystem=fs, **kwargs)
 
 
 class RunningStats:
@@ -192,10 +208,10 @@ class StoreWriter:
     not done (it may be a leftover of a crash) and is rewritten.
     """
 
-    def __init__(self, root: str | Path, manifest: Manifest) -> None:
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
-        if (self.root / MANIFEST).exists():
+    def __init__(self, root: Location, manifest: Manifest) -> None:
+        self.root = _root(root)
+        storage.makedirs(self.root)
+        if storage.exists(storage.join(self.root, MANIFEST)):
             existing = read_manifest(self.root)
             if existing.identity() != manifest.identity():
                 raise StoreError(
@@ -215,7 +231,8 @@ class StoreWriter:
 
     def done(self) -> dict[int, ShardInfo]:
         """Shards already recorded (and still on disk with the recorded size of rows)."""
-        return {s.index: s for s in self.manifest.shards if (self.root / s.name).is_file()}
+        present = set(storage.listdir(self.root))
+        return {s.index: s for s in self.manifest.shards if s.name in present}
 
     def record(self, info: ShardInfo, *, save: bool = True) -> None:
         self.manifest.shards = sorted(
@@ -235,10 +252,12 @@ class StoreWriter:
         """Delete shard files and temp files that the manifest does not list; returns their names."""
         listed = {s.name for s in self.manifest.shards}
         removed = []
-        for path in sorted(self.root.glob("shard-*.parquet")) + sorted(self.root.glob(".shard-*.tmp")):
-            if path.name not in listed:
-                path.unlink(missing_ok=True)
-                removed.append(path.name)
+        names = storage.listdir(self.root)
+        for pattern in ("shard-*.parquet", ".shard-*.tmp"):
+            for name in fnmatch.filter(names, pattern):
+                if name not in listed:
+                    storage.delete(storage.join(self.root, name))
+                    removed.append(name)
         return removed
 
     def finalize(self, stats: dict[str, dict[str, Any]], positions_dropped: dict[str, Any]) -> Manifest:
@@ -249,7 +268,7 @@ class StoreWriter:
         return self.manifest
 
     def _save(self) -> None:
-        atomic_write_json(self.root / MANIFEST, self.manifest.to_dict())
+        storage.write_json(storage.join(self.root, MANIFEST), self.manifest.to_dict())
 
 
 def check_values(index: int, acts: dict[int, np.ndarray], dtype: str) -> None:
@@ -286,7 +305,7 @@ def check_finite(rows: np.ndarray, where: str | Path, column: str) -> np.ndarray
 
 
 def write_shard(
-    root: str | Path,
+    root: Location,
     index: int,
     acts: dict[int, np.ndarray],
     extra: dict[str, np.ndarray],
@@ -313,22 +332,23 @@ def write_shard(
     table = pa.table(columns)
     if metadata is not None:
         table = table.replace_schema_metadata({SHARD_METADATA_KEY: json.dumps(metadata)})
-    path = Path(root) / shard_name(index)
+    name = shard_name(index)
     # Dictionary encoding never pays for activations and costs ~3x the write time.
     # Page checksums let every read detect a flipped bit (readers verify them, see ActivationStore.read_shard).
-    atomic_write(
-        path,
+    written = storage.write_file(
+        storage.join(root, name),
         lambda tmp: pq.write_table(table, tmp, compression=compression, use_dictionary=False, write_page_checksum=True),
     )
-    return ShardInfo(index=index, name=path.name, rows=rows.pop(), sha256=sha256_file(path))
+    return ShardInfo(index=index, name=name, rows=rows.pop(), sha256=written.sha256)
 
 
-def read_shard_metadata(path: str | Path) -> dict[str, Any]:
+def read_shard_metadata(path: Location) -> dict[str, Any]:
     """The JSON metadata :func:`write_shard` stored in a shard's footer ({} when there is none)."""
+    fs, where = storage.resolve(path)
     try:
-        raw = (pq.read_schema(path).metadata or {}).get(SHARD_METADATA_KEY.encode())
+        raw = (pq.read_schema(where, filesystem=fs).metadata or {}).get(SHARD_METADATA_KEY.encode())
     except (pa.ArrowInvalid, OSError) as err:
-        raise StoreError(f"{path}: cannot read shard (truncated or corrupt?): {err}") from None
+        raise StoreError(f"{storage.display(path)}: cannot read shard (truncated or corrupt?): {err}") from None
     return json.loads(raw) if raw else {}
 
 
@@ -343,16 +363,17 @@ def _to_numpy(column: pa.ChunkedArray, d: int) -> np.ndarray:
 class ActivationStore:
     """Read side of a complete store."""
 
-    def __init__(self, root: str | Path, *, allow_incomplete: bool = False) -> None:
-        self.root = Path(root)
+    def __init__(self, root: Location, *, allow_incomplete: bool = False) -> None:
+        self.root = _root(root)
         self.manifest = read_manifest(self.root)
         if not self.manifest.complete and not allow_incomplete:
             raise StoreError(
                 f"{self.root} is incomplete ({self.manifest.rows} of {self.manifest.n_tokens} rows): rerun collect"
             )
+        present = set(storage.listdir(self.root))
         for s in self.manifest.shards:
-            if not (self.root / s.name).is_file():
-                raise StoreError(f"{self.root}: shard {s.name} listed in the manifest is missing")
+            if s.name not in present:
+                raise StoreError(f"{storage.display(self.root)}: shard {s.name} listed in the manifest is missing")
 
     @property
     def layers(self) -> list[int]:
@@ -373,17 +394,18 @@ class ActivationStore:
     def verify(self) -> None:
         """Check every shard's sha256 and row count against the manifest."""
         for s in self.manifest.shards:
-            path = self.root / s.name
-            if sha256_file(path) != s.sha256:
-                raise StoreError(f"{path}: sha256 mismatch (corrupt or modified shard)")
-            if pq.read_metadata(path).num_rows != s.rows:
-                raise StoreError(f"{path}: {pq.read_metadata(path).num_rows} rows, manifest says {s.rows}")
+            path = storage.join(self.root, s.name)
+            if storage.sha256(path) != s.sha256:
+                raise StoreError(f"{storage.display(path)}: sha256 mismatch (corrupt or modified shard)")
+            fs, where = storage.resolve(path)
+            if (n := pq.read_metadata(where, filesystem=fs).num_rows) != s.rows:
+                raise StoreError(f"{storage.display(path)}: {n} rows, manifest says {s.rows}")
 
     def read_shard(self, shard: ShardInfo, columns: Sequence[str]) -> pa.Table:
         """Columns of one shard, its page checksums verified and its row count checked against the manifest."""
-        path = self.root / shard.name
+        path = storage.join(self.root, shard.name)
         try:
-            table = pq.read_table(path, columns=list(columns), page_checksum_verification=True)
+            table = read_shard_table(path, columns, page_checksum_verification=True)
         except (pa.ArrowInvalid, OSError) as err:
             raise StoreError(f"{path}: cannot read shard (truncated or corrupt?): {err}") from None
         if table.num_rows != shard.rows:
@@ -402,7 +424,7 @@ class ActivationStore:
         parts, total = [], 0
         for s in self.manifest.shards:
             rows = _to_numpy(self.read_shard(s, [column]).column(column), self.d_model)
-            parts.append(check_finite(rows, self.root / s.name, column))
+            parts.append(check_finite(rows, storage.join(self.root, s.name), column))
             total += parts[-1].shape[0]
             if limit is not None and total >= limit:
                 break
@@ -470,7 +492,7 @@ class ActivationStore:
         np_rng = np.random.default_rng(rng.getrandbits(63))
         for s, start, stop in self._rank_slices(rank, world_size, shards, drop_last):
             rows = _to_numpy(self.read_shard(s, [column]).column(column), self.d_model)[start:stop]
-            check_finite(rows, self.root / s.name, column)
+            check_finite(rows, storage.join(self.root, s.name), column)
             buffer = np.concatenate([buffer, rows.astype(np.float32)])
             if shuffle_window and len(buffer) >= window:
                 buffer = buffer[np_rng.permutation(len(buffer))]
@@ -488,8 +510,9 @@ class ActivationStore:
         import ray.data
 
         columns = [self._check_layer(layer) for layer in (layers or self.layers)]
-        paths = [str(self.root / s.name) for s in self.manifest.shards]
-        return ray.data.read_parquet(paths, columns=columns)
+        fs, _ = storage.resolve(self.root)
+        paths = [storage.resolve(storage.join(self.root, s.name))[1] for s in self.manifest.shards]
+        return ray.data.read_parquet(paths, columns=columns, filesystem=fs)
 
     def stats(self, layer: int) -> dict[str, Any]:
         key = str(layer)
@@ -498,7 +521,7 @@ class ActivationStore:
         return self.manifest.stats[key]
 
     def bytes_per_token(self) -> float:
-        total = sum((self.root / s.name).stat().st_size for s in self.manifest.shards)
+        total = sum(storage.size(storage.join(self.root, s.name)) for s in self.manifest.shards)
         return total / max(len(self), 1)
 
 

@@ -34,6 +34,7 @@ from pipelines.records import item_key
 from pipelines.tasks import Task
 from sae.atomic import atomic_write_json, atomic_write_text
 from sae.model import SparseAutoencoder
+from sae.storage import is_uri
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ def sae_catalog(cfg: EvalConfig) -> list[SAEEntry]:
             base, n = label, 2
             while label in taken:
                 label, n = f"{base}#{n}", n + 1
-        out.append(SAEEntry(label, Path(path), int(layer)))
+        out.append(SAEEntry(label, path if is_uri(path) else Path(path), int(layer)))
     return out
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from sae.storage import display, is_uri
+
 PROJECT_ENV = "PLURISTEER_WANDB_PROJECT"
 DEFAULT_PROJECT = "pluristeer"
 
@@ -41,7 +43,7 @@ class Tracker:
     ) -> None:
         self.stage = stage
         self.mode = mode or wandb_mode()
-        self.directory = Path(directory)
+        self.directory = Path("runs") if is_uri(directory) else Path(directory)  # W&B writes local files
         self.run: Any = None
         if self.mode == "disabled":
             return
@@ -75,8 +77,12 @@ class Tracker:
                 self.run.summary[key] = value
 
     def log_artifact(self, path: str | Path, *, name: str, type: str, metadata: dict[str, Any] | None = None) -> None:
-        """Log a file or directory as a W&B artifact (e.g. an SAE dir, a VectorSet file)."""
+        """Log a file or directory as a W&B artifact (e.g. an SAE dir, a VectorSet file). An object-store URI
+        is recorded in the run's summary instead (``artifact/<name>``): W&B's S3 references need boto3."""
         if self.run is None:
+            return
+        if is_uri(path):
+            self.summary({f"artifact/{name}": display(path)})
             return
         import wandb
 

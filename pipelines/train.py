@@ -16,6 +16,10 @@ run (:class:`sae.train.TrainingDivergedError` on every rank at the same step): t
 finite state as a checkpoint, the driver raises the error naming the step, the SAE and its last finite loss,
 and no SAE is exported. An SAE whose CE loss recovered is far below its explained variance is flagged in
 ``training.json`` (``warnings``) and in the command's summary.
+
+``store`` and ``output_dir`` may be URIs (``s3://bucket/prefix``, :mod:`sae.storage`): the workers stream
+shards from the object store, Ray Train keeps its checkpoints there (``RunConfig.storage_filesystem``),
+and the SAE directories are uploaded file by file (W&B's offline runs stay local, under ``./runs``).
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ from pipelines.corpus import SOURCES, iter_documents
 from pipelines.datasets import data_dir
 from pipelines.store import MANIFEST, ActivationStore, StoreError, read_shard_metadata
 from pipelines.tracking import Tracker
-from sae.atomic import atomic_write_json, sha256_file
+from sae import storage
 from sae.evaluate import ce_loss_recovered, reconstruction_metrics
 from sae.hooks import residuals
 from sae.lm import EMBEDDED, load_lm
@@ -74,7 +78,7 @@ CE_GAP_FLAG = 0.25
 class TrainConfig(StageConfig):
     """Configuration of ``pluristeer train`` (YAML fields; override with ``--set field=value``)."""
 
-    store: Path = Path("runs/store")  # activation store directory (pluristeer collect's output)
+    store: Path = Path("runs/store")  # activation store (pluristeer collect's output): a directory or a URI
     layer: int | None = None  # None: the store's only layer
     expansions: list[float] = field(default_factory=lambda: [8.0, 32.0])  # one SAE per expansion
     k: int = 32
@@ -101,7 +105,7 @@ class TrainConfig(StageConfig):
     keep_checkpoints: int = 2
     max_failures: int = 3
     log_every: int = 10  # steps
-    output_dir: Path = Path("runs/train")
+    output_dir: Path = Path("runs/train")  # or a URI (s3://bucket/prefix): SAE directories and checkpoints
     name: str | None = None  # Ray Train run name; None: derived from the store and layer
     ray_address: str | None = None
     seed: int = 0
@@ -181,14 +185,14 @@ class TrainConfig(StageConfig):
         )
 
     def run_name(self, layer: int) -> str:
-        return self.name or f"sae-{Path(self.store).name}-L{layer}"
+        return self.name or f"sae-{storage.name(self.store)}-L{layer}"
 
 
 @dataclass
 class TrainResult:
     """What :func:`run_train` returns: the SAE directories, their metrics, and the Ray checkpoint."""
 
-    sae_dirs: dict[str, Path]
+    sae_dirs: dict[str, storage.Location]
     metrics: dict[str, dict[str, Any]]
     checkpoint: str | None
     steps: int
@@ -220,12 +224,13 @@ def check_store_finite(store: ActivationStore, layer: int) -> None:
     """Refuse a store whose shards hold non-finite values at ``layer`` (their footers' sums are then
     non-finite): a :class:`StoreError` naming the first such shard. Footers only: no activations are read."""
     for shard in store.manifest.shards:
-        stats = read_shard_metadata(store.root / shard.name).get("stats", {}).get(str(layer))
+        path = storage.join(store.root, shard.name)
+        stats = read_shard_metadata(path).get("stats", {}).get(str(layer))
         if stats is None:
             continue  # a shard without statistics (not written by collect): the readers check its rows
         if not all(math.isfinite(v) for v in (*stats["sum"], *stats["sumsq"], stats["norm_sum"])):
             raise StoreError(
-                f"{store.root / shard.name}: layer {layer} holds non-finite values (inf/NaN): this store cannot "
+                f"{path}: layer {layer} holds non-finite values (inf/NaN): this store cannot "
                 "be trained on; recollect it (store_dtype=auto, or --set store_dtype=float32 for large residuals)"
             )
 
@@ -379,7 +384,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     flops = sum(flops_per_token(s) for s in trainer.saes.values())
     if rank == 0 and cfg.track:
         tracker = Tracker("train", cfg.to_dict(), cfg.output_dir, name=f"{cfg.run_name(layer)}-r{resumed_from}")
-    marker = Path(cfg.output_dir) / f".{cfg.run_name(layer)}.failure-injected"
+    marker = storage.join(cfg.output_dir, f".{cfg.run_name(layer)}.failure-injected")
     clock, clock_tokens = time.perf_counter(), trainer.tokens
     try:
         while trainer.step < total:
@@ -392,9 +397,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             except TrainingDivergedError as err:  # every rank stops here at the same step
                 _report_divergence(trainer, engine, rank, err)
                 return
-            if trainer.step == cfg.inject_failure_at_step and rank == world - 1 and not marker.exists():
-                marker.parent.mkdir(parents=True, exist_ok=True)
-                marker.touch()
+            if trainer.step == cfg.inject_failure_at_step and rank == world - 1 and not storage.exists(marker):
+                storage.write_bytes(marker, b"")
                 time.sleep(5)  # let the controller collect the last reports (it polls every 2 s) before dying
                 os.kill(os.getpid(), signal.SIGKILL)
             last = trainer.step == total
@@ -444,6 +448,16 @@ def _report_divergence(trainer: SAETrainer, engine: Any, rank: int, err: Trainin
         )
 
 
+def _ray_storage(output: storage.Location) -> dict[str, Any]:
+    """``RunConfig`` storage arguments for Ray Train's checkpoints under ``output/ray``: a local path, or
+    the object store's path with its ``pyarrow`` filesystem (Ray takes the path without ``s3://`` then)."""
+    target = storage.join(output, "ray")
+    if not storage.is_uri(target):
+        return {"storage_path": str(target)}
+    filesystem, path = storage.resolve(target)
+    return {"storage_path": path, "storage_filesystem": filesystem}
+
+
 def _worker_nodes(world: int) -> list[str]:
     """The Ray node id of every rank, in rank order (one all-gather over the process group)."""
     import torch.distributed as dist
@@ -464,10 +478,10 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     cfg.trainer_config(len(store))  # fail early on a too-small store
     check_store_finite(store, layer)
     _normalizer(store, layer)  # statistics that cannot normalise fail here, not in every worker
-    output = Path(cfg.output_dir).resolve()
-    output.mkdir(parents=True, exist_ok=True)
+    output = storage.absolute(cfg.output_dir)
+    storage.makedirs(output)
     init_ray(cfg.ray_address)
-    cfg_dict = {**cfg.to_dict(), "store": str(Path(cfg.store).resolve()), "output_dir": str(output)}
+    cfg_dict = {**cfg.to_dict(), "store": str(storage.absolute(cfg.store)), "output_dir": str(output)}
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"cfg": cfg_dict},
@@ -480,7 +494,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
         ),
         run_config=ray.train.RunConfig(
             name=cfg.run_name(layer),
-            storage_path=str(output / "ray"),
+            **_ray_storage(output),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             worker_runtime_env={"env_vars": {"PYTHONPATH": _pythonpath()}},
@@ -507,11 +521,16 @@ def run_train(cfg: TrainConfig) -> TrainResult:
         warnings={name: flag_metrics(m["eval"]) for name, m in metrics.items()},
         sae_dirs=sae_dirs,
         metrics=metrics,
-        checkpoint=result.checkpoint.path,
+        checkpoint=_checkpoint_location(output, result.checkpoint.path),
         steps=int(trainer_state["step"]),
         tokens=int(trainer_state["tokens"]),
         report=final,
     )
+
+
+def _checkpoint_location(output: storage.Location, path: str) -> str:
+    """Ray's checkpoint path as the user wrote the output: with the URI's scheme for an object store."""
+    return f"{str(output).split('://', 1)[0]}://{path}" if storage.is_uri(output) else path
 
 
 def _pythonpath() -> str:
@@ -528,7 +547,7 @@ def export_saes(
     model_state: dict[str, Any],
     trainer_state: dict[str, Any],
     final_metrics: dict[str, Any],
-) -> tuple[dict[str, Path], dict[str, dict[str, Any]]]:
+) -> tuple[dict[str, storage.Location], dict[str, dict[str, Any]]]:
     """Write one sae-lens directory per SAE (``cfg.json``, ``sae_weights.safetensors``, ``training.json``)
     and evaluate them; returns their paths and metrics by name."""
     tcfg = cfg.trainer_config(len(store))
@@ -545,16 +564,16 @@ def export_saes(
     }
     saes = trainer.export(metadata)
     evaluation = evaluate_on_heldout(cfg, store, layer, saes) if cfg.eval_tokens else {}
-    dirs: dict[str, Path] = {}
+    dirs: dict[str, storage.Location] = {}
     metrics: dict[str, dict[str, Any]] = {}
     for name, sae in saes.items():
-        path = Path(cfg.output_dir) / f"L{layer}-{name}"
+        path = storage.join(cfg.output_dir, f"L{layer}-{name}")
         sae.save(path)
         train_metrics = {k.split("/", 1)[1]: v for k, v in final_metrics.items() if k.startswith(f"{name}/")}
         metrics[name] = {"train": train_metrics, "eval": evaluation.get(name, {})}
         warnings = flag_metrics(metrics[name]["eval"])
-        atomic_write_json(
-            path / TRAINING_FILE,
+        storage.write_json(
+            storage.join(path, TRAINING_FILE),
             {
                 "config": cfg.to_dict(),
                 "spec": asdict(trainer.specs[name]),
@@ -568,7 +587,7 @@ def export_saes(
                 "worker_nodes": final_metrics.get("worker_nodes", []),
                 "store": {
                     "path": str(store.root),
-                    "manifest_sha256": sha256_file(store.root / MANIFEST),
+                    "manifest_sha256": storage.sha256(storage.join(store.root, MANIFEST)),
                     "rows": len(store),
                     "model": manifest.model,
                 },
@@ -596,7 +615,9 @@ def flag_metrics(evaluation: dict[str, Any]) -> list[str]:
     return out
 
 
-def _log_final(cfg: TrainConfig, layer: int, dirs: dict[str, Path], metrics: dict[str, dict[str, Any]]) -> None:
+def _log_final(
+    cfg: TrainConfig, layer: int, dirs: dict[str, storage.Location], metrics: dict[str, dict[str, Any]]
+) -> None:
 
     with Tracker("train", cfg.to_dict(), cfg.output_dir, name=f"{cfg.run_name(layer)}-final") as tracker:
         flat = {f"{n}/{part}/{k}": v for n, m in metrics.items() for part, d in m.items() for k, v in d.items()}

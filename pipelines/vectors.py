@@ -32,6 +32,7 @@ from pipelines.prompts import FeedbackSource, Prompt, PromptSpec, build_prompt, 
 from pipelines.records import DataError, PerspectiveRecord
 from pipelines.tasks import Task, check_task_settings, get_task, task_name
 from pipelines.tracking import Tracker
+from sae import storage
 from sae.lm import load_lm, load_tokenizer, resolve_device, resolve_model
 from sae.model import SparseAutoencoder
 from sae.vectors import differences, mean_by_group, paired_readouts, pool, readout_residuals, sparsify
@@ -304,7 +305,7 @@ def vector_sets(cfg: VectorConfig, readouts: Readouts, *, model: str, layer: int
             n_samples=dict(readouts.counts),
             readout=cfg.readout,
             dim=next(iter(vectors.values())).shape[0],
-            sae_path=None if sae is None else str(Path(cfg.sae).resolve()),  # type: ignore[arg-type]
+            sae_path=None if sae is None else str(storage.absolute(cfg.sae)),  # type: ignore[arg-type]
             sae_sha256=None if sae is None else sae_file_hash(cfg.sae),  # type: ignore[arg-type]
             sae_fingerprint=None if sae is None else sae_fingerprint(sae),
             extra=extra,
@@ -384,7 +385,7 @@ def run_vectors(cfg: VectorConfig, *, console: Any = None) -> VectorRun:
     with Tracker("vectors", cfg.to_dict(), cfg.out, mode=None if cfg.track else "disabled") as tracker:
         for granularity, vs in sets.items():
             name = cfg.set_name(granularity)
-            paths[granularity] = vs.save(cfg.out / f"{name}.safetensors")
+            paths[granularity] = vs.save(storage.join(cfg.out, f"{name}.safetensors"))
             console.print(f"wrote {paths[granularity]}")
             if client is not None:
                 keys[granularity] = client.publish(vs, name)

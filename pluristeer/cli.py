@@ -63,11 +63,12 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from sae.lm import ModelNotFoundError
     from sae.model import SAEFormatError
     from sae.readout import ReadoutError
+    from sae.storage import StorageError
     from sae.vectorset import VectorSetError
 
     return (
         ConfigError, DataError, PromptError, ReadoutError, RegistryError, StoreError, ModelNotFoundError,
-        SAEFormatError, VectorSetError,
+        SAEFormatError, StorageError, VectorSetError,
     )  # fmt: skip
 
 

@@ -3,7 +3,9 @@
 One module serves every architecture: ``topk`` (default), ``batchtopk`` (a TopK trained over the batch,
 run at inference as a JumpReLU with a learned global threshold), ``relu`` (ReLU + L1, sae-lens
 "standard") and ``jumprelu``. Weights follow sae-lens names and shapes (``W_enc [d_in, d_sae]``,
-``W_dec [d_sae, d_in]``), so ``sae_lens.SAE.load_from_disk`` reads what :meth:`save` writes.
+``W_dec [d_sae, d_in]``), so ``sae_lens.SAE.load_from_disk`` reads what :meth:`save` writes. An SAE
+directory may be a local path or a URI (``s3://bucket/saes/L15-topk-8x``, :mod:`sae.storage`); each file
+is published whole, ``cfg.json`` last.
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors.torch import load as load_safetensors
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from sae.atomic import atomic_write, atomic_write_json
+from sae import storage
 
 Architecture = Literal["topk", "batchtopk", "relu", "jumprelu"]
 ARCHITECTURES: tuple[str, ...] = ("topk", "batchtopk", "relu", "jumprelu")
@@ -132,30 +135,39 @@ class SparseAutoencoder(nn.Module):
             tensors["threshold"] = self.threshold.detach().cpu().contiguous()
         return tensors
 
-    def save(self, path: str | Path) -> Path:
-        """Write ``cfg.json`` + ``sae_weights.safetensors`` (each atomically) into directory ``path``."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        atomic_write(path / WEIGHTS_FILE, lambda p: save_file(self.state_for_disk(), p))
-        atomic_write_json(path / CFG_FILE, self.saelens_cfg())
+    def save(self, path: storage.Location) -> storage.Location:
+        """Write ``sae_weights.safetensors`` then ``cfg.json`` (each whole, atomically) into directory ``path``
+        (a local path or a URI)."""
+        path = path if storage.is_uri(path) else Path(path)
+        storage.makedirs(path)
+        storage.atomic_write(storage.join(path, WEIGHTS_FILE), lambda p: save_file(self.state_for_disk(), p))
+        storage.write_json(storage.join(path, CFG_FILE), self.saelens_cfg())
         return path
 
     @classmethod
-    def load(cls, path: str | Path, *, device: str | torch.device = "cpu") -> SparseAutoencoder:
-        """Load an SAE directory in sae-lens layout (ours, sae-lens's, Llama-Scope-style TopK/JumpReLU)."""
-        path = Path(path)
-        cfg_path, weights_path = path / CFG_FILE, path / WEIGHTS_FILE
+    def load(cls, path: storage.Location, *, device: str | torch.device = "cpu") -> SparseAutoencoder:
+        """Load an SAE directory in sae-lens layout (ours, sae-lens's, Llama-Scope-style TopK/JumpReLU), from a
+        local path or a URI."""
+        path = path if storage.is_uri(path) else Path(path)
+        cfg_path, weights_path = storage.join(path, CFG_FILE), storage.join(path, WEIGHTS_FILE)
         for p in (cfg_path, weights_path):
-            if not p.is_file():
-                raise SAEFormatError(f"{path} is not an SAE directory: {p.name} is missing")
+            if not storage.is_file(p):
+                raise SAEFormatError(f"{storage.display(path)} is not an SAE directory: {storage.name(p)} is missing")
         try:
-            raw = json.loads(cfg_path.read_text())
+            raw = json.loads(storage.read_bytes(cfg_path))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise SAEFormatError(f"{cfg_path} is not valid JSON: {err}") from err
+            raise SAEFormatError(f"{storage.display(cfg_path)} is not valid JSON: {err}") from err
         try:
-            tensors = load_file(str(weights_path))
+            if storage.is_uri(weights_path):
+                tensors = load_safetensors(storage.read_bytes(weights_path))
+            else:
+                tensors = load_file(str(weights_path))
+        except storage.StorageError:
+            raise
         except Exception as err:  # safetensors raises its own error types for truncated files
-            raise SAEFormatError(f"{weights_path} cannot be read (truncated or corrupt?): {err}") from err
+            raise SAEFormatError(
+                f"{storage.display(weights_path)} cannot be read (truncated or corrupt?): {err}"
+            ) from err
         if not isinstance(raw, dict):
             raise SAEFormatError(f"{cfg_path}: expected a JSON object, got {type(raw).__name__}")
         _check_tensors(tensors, str(weights_path))

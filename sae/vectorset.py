@@ -3,7 +3,8 @@
 Tensors are named by perspective (``[d_sae]`` for modes ``sae``/``residual``, ``[d_model]`` for ``caa``);
 the safetensors header carries ``{"pluristeer": <json>}`` with the model, layer, SAE path, file hash and
 decoder fingerprint, mode, granularity, samples per perspective, readout rule, task and creation time.
-A set refuses (:class:`VectorSetMismatch`) to steer a model, layer or SAE it was not made for.
+A set refuses (:class:`VectorSetMismatch`) to steer a model, layer or SAE it was not made for. A file
+may be a local path or a URI (``s3://bucket/vectors/crehate-fine.safetensors``), written whole.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 from torch import nn
 
-from sae.atomic import atomic_write, sha256_file
+from sae import storage
 from sae.hooks import SAELike, resolve_layer, steer
 from sae.lm import model_name
 from sae.model import WEIGHTS_FILE
@@ -50,9 +51,9 @@ def sae_fingerprint(sae: SAELike) -> str:
     return digest.hexdigest()[:32]
 
 
-def sae_file_hash(sae_dir: str | Path) -> str:
-    """sha256 of an SAE directory's weights file."""
-    return sha256_file(Path(sae_dir) / WEIGHTS_FILE)
+def sae_file_hash(sae_dir: storage.Location) -> str:
+    """sha256 of an SAE directory's weights file (local path or URI)."""
+    return storage.sha256(storage.join(sae_dir, WEIGHTS_FILE))
 
 
 @dataclass
@@ -158,17 +159,16 @@ class VectorSet:
         except VectorSetError as err:
             raise VectorSetError(f"{where}: {err}") from None
 
-    def save(self, path: str | Path) -> Path:
-        """Write the set atomically to ``path`` (a ``.safetensors`` file)."""
-        data = self.to_bytes()
-        return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+    def save(self, path: storage.Location) -> storage.Location:
+        """Write the set atomically to ``path`` (a ``.safetensors`` file: a local path or a URI)."""
+        return storage.write_bytes(path if storage.is_uri(path) else Path(path), self.to_bytes())
 
     @classmethod
-    def load(cls, path: str | Path) -> VectorSet:
-        path = Path(path)
-        if not path.is_file():
-            raise VectorSetError(f"vector set {path} does not exist")
-        return cls.from_bytes(path.read_bytes(), where=str(path))
+    def load(cls, path: storage.Location) -> VectorSet:
+        path = path if storage.is_uri(path) else Path(path)
+        if not storage.is_file(path):
+            raise VectorSetError(f"vector set {storage.display(path)} does not exist")
+        return cls.from_bytes(storage.read_bytes(path), where=storage.display(path))
 
     # -- applying it -------------------------------------------------------------------------------
     def check(self, model: nn.Module | None = None, *, layer: int | None = None, sae: SAELike | None = None) -> None:

@@ -210,3 +210,25 @@ def embedded_sae(embedded, data_root):
 
     model, tokenizer = embedded
     return fixture_sae(model, tokenizer, data_root / "corpus")
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 server (moto, tests/s3_server.py) on 127.0.0.1 at a free port, for the whole session."""
+    from tests.s3_server import S3Server
+
+    with S3Server() as server:
+        yield server
+
+
+@pytest.fixture
+def s3_bucket(s3_server, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> str:
+    """``s3://<fresh bucket>`` on :func:`s3_server`, with the ``AWS_*`` environment pointing at it."""
+    import re
+    import uuid
+
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    stem = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-")
+    return s3_server.create_bucket(f"{stem}-{uuid.uuid4().hex[:8]}")

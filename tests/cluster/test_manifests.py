@@ -179,19 +179,28 @@ def test_repo_manifests_are_valid_and_complete() -> None:
     assert all(found == [] for found in schema_problems(paths).values())
     for path in paths:
         assert manifest_problems(yaml.safe_load(path.read_text()), path.name, PINS) == [], path.name
-    assert validate_manifests(K8S, PINS) == 6
+    assert validate_manifests(K8S, PINS) == 7
     kinds = {(d["kind"], d["metadata"]["name"]) for d in map(yaml.safe_load, map(Path.read_text, paths))}
     assert kinds == {
         ("PersistentVolumeClaim", "pluristeer-data"),
         ("RayCluster", "pluristeer"),
         ("RayJob", "pluristeer-collect"),
         ("RayJob", "pluristeer-train"),
+        ("RayJob", "pluristeer-train-s3"),
         ("RayJob", "pluristeer-evaluate"),
         ("RayService", "pluristeer-serve"),
     }
     for stage in ("collect", "train", "evaluate"):
         entry = _load(f"rayjob-{stage}.yaml")["spec"]["entrypoint"]
         assert entry.startswith(f"pluristeer {stage} --config ") and entry.endswith("--address auto")
+    # the object-storage variant: no shared volume, the AWS variables from the pluristeer-s3 Secret in every pod
+    s3 = _load("rayjob-train-s3.yaml")["spec"]
+    assert s3["entrypoint"].startswith("pluristeer train --config ") and "pluristeer-data" not in json.dumps(s3)
+    cluster = s3["rayClusterSpec"]
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        env = {e["name"]: e for e in group["template"]["spec"]["containers"][0]["env"]}
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_ENDPOINT_URL"):
+            assert env[name]["valueFrom"]["secretKeyRef"]["name"] == "pluristeer-s3", name
     # the evaluate job runs on the long-lived RayCluster by name
     assert _load("rayjob-evaluate.yaml")["spec"]["clusterSelector"] == {"ray.io/cluster": "pluristeer"}
 

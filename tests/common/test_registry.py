@@ -73,6 +73,25 @@ print(json.dumps({"latest": client.latest(sys.argv[2]), "perspectives": vs.persp
 """
 
 
+
+def test_durable_copy_on_s3_survives_a_new_registry(s3_bucket: str) -> None:
+    from sae import storage
+
+    root = f"{s3_bucket}/registry"
+    reg = VectorRegistry(root)
+    assert reg.publish("opinions", _set(1.0).to_bytes())["key"] == "opinions@1"
+    assert reg.publish("opinions", _set(2.0).to_bytes())["path"] == f"{root}/opinions/v2.safetensors"
+    assert storage.listdir(root) == ["index.json"] and storage.listdir(f"{root}/opinions") == [
+        "v1.safetensors",
+        "v2.safetensors",
+    ]
+    again = VectorRegistry(root)  # a restarted actor: the table and the bytes come back from S3
+    assert again.latest("opinions") == 2 and again.loaded() == 0
+    assert VectorSet.from_bytes(again.get("opinions@1")["ref"])["p"][0].item() == 1.0
+    storage.delete(f"{root}/opinions/v1.safetensors")
+    with pytest.raises(RegistryError, match=f"opinions@1: its durable file {root}/opinions/v1.safetensors is gone"):
+        VectorRegistry(root).get("opinions@1")
+
 def test_a_set_published_by_one_driver_is_fetched_by_another_after_it_exits(
     ray_cluster, tmp_path: Path, embedded, embedded_sae, data_root
 ) -> None:

@@ -15,6 +15,7 @@ from pipelines.store import (
     read_shard_metadata,
     write_shard,
 )
+from sae import storage
 
 
 def _manifest(**kw) -> Manifest:
@@ -157,3 +158,59 @@ def test_manifest_records_the_dtype_choice(tmp_path: Path) -> None:
 
     assert read_manifest(tmp_path).dtype_choice == choice
     assert read_manifest(tmp_path).identity()["dtype"] == "float32"
+
+
+# -- the same store on a real S3 server (moto, tests/s3_server.py) ----------------------------------------
+def test_store_on_s3_reads_back_equal_to_a_local_one(s3_bucket: str, tmp_path: Path) -> None:
+    uri = f"{s3_bucket}/stores/a"
+    full = _make(uri)
+    _make(tmp_path)
+    remote, local = ActivationStore(uri), ActivationStore(tmp_path)
+    remote.verify()
+    assert remote.manifest.to_dict() == local.manifest.to_dict()  # same shards, rows and sha256s
+    for layer in (1, 3):
+        torch.testing.assert_close(remote.read(layer), local.read(layer))
+        torch.testing.assert_close(remote.read(layer), torch.from_numpy(full[layer]))
+    assert remote.read_column("context").tolist() == local.read_column("context").tolist()
+    batches = [torch.cat(list(s.iter_batches(3, 5, shuffle_window=10, seed=1))) for s in (remote, local)]
+    torch.testing.assert_close(*batches)
+    assert remote.bytes_per_token() == local.bytes_per_token()
+    assert storage.listdir(uri) == sorted(p.name for p in tmp_path.iterdir())  # nothing else, no temp file
+
+
+def test_resume_on_s3_sees_only_recorded_shards(s3_bucket: str) -> None:
+    uri = f"{s3_bucket}/stores/resume"
+    writer = StoreWriter(uri, _manifest())
+    acts = {1: np.ones((2, 8), np.float32), 3: np.zeros((2, 8), np.float32)}
+    extra = {"token_id": np.arange(2, dtype=np.int32)}
+    writer.record(write_shard(uri, 0, acts, extra, "float32", metadata={"bos": 1}))
+    write_shard(uri, 1, acts, extra, "float32")  # uploaded, never recorded: a crash before the manifest
+    storage.write_bytes(storage.join(uri, ".shard-00002.parquet.x.tmp"), b"partial")
+    resumed = StoreWriter(uri, _manifest())
+    assert sorted(resumed.done()) == [0]
+    assert read_shard_metadata(storage.join(uri, "shard-00000.parquet")) == {"bos": 1}
+    assert resumed.remove_leftovers() == ["shard-00001.parquet", ".shard-00002.parquet.x.tmp"]
+    assert storage.listdir(uri) == ["manifest.json", "shard-00000.parquet"]
+    with pytest.raises(StoreError, match=f"{uri} is incomplete"):
+        ActivationStore(uri)
+
+
+@pytest.mark.hostile
+def test_missing_or_corrupt_objects_on_s3_are_store_errors_naming_the_uri(s3_bucket: str) -> None:
+    with pytest.raises(StoreError, match=f"{s3_bucket}/nothing is not an activation store"):
+        ActivationStore(f"{s3_bucket}/nothing")
+    uri = f"{s3_bucket}/stores/bad"
+    _make(uri)
+    shard = storage.join(uri, "shard-00001.parquet")
+    storage.write_bytes(shard, storage.read_bytes(shard)[:200])  # truncated in place
+    store = ActivationStore(uri)
+    with pytest.raises(StoreError, match=f"{shard}: sha256 mismatch"):
+        store.verify()
+    with pytest.raises(StoreError, match=f"{shard}: cannot read shard"):
+        store.read(1)
+    storage.delete(shard)
+    with pytest.raises(StoreError, match=f"{uri}: shard shard-00001.parquet listed in the manifest is missing"):
+        ActivationStore(uri)
+    storage.write_bytes(storage.join(uri, "manifest.json"), b"{not json")
+    with pytest.raises(StoreError, match=f"{uri}/manifest.json: not valid JSON"):
+        ActivationStore(uri)

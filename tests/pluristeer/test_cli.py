@@ -34,3 +34,25 @@ def test_missing_data_dir_is_a_clear_error(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_an_unreachable_object_store_is_a_one_line_error_naming_the_uri() -> None:
+    import socket
+    import time
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "x"}
+    env["AWS_SECRET_ACCESS_KEY"] = "y"
+    started = time.monotonic()
+    proc = subprocess.run(
+        [*_cli(), "train", "--set", "store=s3://bucket/store", "--set", "output_dir=s3://bucket/train"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "s3://bucket/store/manifest.json" in proc.stderr and "AWS_ENDPOINT_URL" in proc.stderr
+    assert "Traceback" not in proc.stderr and time.monotonic() - started < 30

@@ -112,3 +112,30 @@ def test_we_load_sae_lens_topk_trained_with_decoder_norm_rescaling(tmp_path: Pat
     x = torch.randn(8, 16)
     torch.testing.assert_close(ours(x), theirs.decode(theirs.encode(x)), atol=1e-5, rtol=1e-5)
     assert ((ours.encode(x) != 0).sum(-1) <= 4).all()
+
+
+def test_save_load_round_trip_on_s3_keeps_the_sae_lens_layout(s3_bucket: str, tmp_path: Path) -> None:
+    from sae import storage
+
+    sae = _trained_like("jumprelu")
+    uri = sae.save(f"{s3_bucket}/saes/L1-jumprelu")
+    assert storage.listdir(uri) == ["cfg.json", "sae_weights.safetensors"]
+    sae.save(tmp_path / "local")
+    for name in ("cfg.json", "sae_weights.safetensors"):  # byte for byte what a local save writes
+        assert storage.read_bytes(storage.join(uri, name)) == (tmp_path / "local" / name).read_bytes()
+    back = SparseAutoencoder.load(uri)
+    x = torch.randn(5, 32)
+    torch.testing.assert_close(back(x), sae(x))
+
+
+@pytest.mark.hostile
+def test_missing_or_corrupt_sae_on_s3_names_the_uri(s3_bucket: str) -> None:
+    from sae import storage
+
+    with pytest.raises(SAEFormatError, match=f"{s3_bucket}/none is not an SAE directory: cfg.json is missing"):
+        SparseAutoencoder.load(f"{s3_bucket}/none")
+    uri = _trained_like().save(f"{s3_bucket}/saes/bad")
+    weights = storage.join(uri, "sae_weights.safetensors")
+    storage.write_bytes(weights, storage.read_bytes(weights)[:100])
+    with pytest.raises(SAEFormatError, match=f"{weights} cannot be read"):
+        SparseAutoencoder.load(uri)

@@ -98,3 +98,13 @@ def test_zero_vectors_leave_the_model_unchanged(mode: str) -> None:
         moved = model(ids).logits
     assert (moved[0] - base[0]).abs().max() > 1e-3
     torch.testing.assert_close(moved[1], base[1], atol=1e-4, rtol=1e-4)
+
+
+def test_round_trip_on_s3_and_a_missing_file_names_the_uri(s3_bucket: str) -> None:
+    vs = _set(_sae())
+    uri = vs.save(f"{s3_bucket}/vectors/set.safetensors")
+    back = VectorSet.load(uri)
+    assert back.perspectives == vs.perspectives and back.meta == vs.meta
+    torch.testing.assert_close(back["Kenya"], vs["Kenya"])
+    with pytest.raises(VectorSetError, match=f"vector set {s3_bucket}/vectors/none.safetensors does not exist"):
+        VectorSet.load(f"{s3_bucket}/vectors/none.safetensors")
