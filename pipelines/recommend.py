@@ -51,6 +51,7 @@ from pipelines.evaluate import git_commit, resolve_task
 from pipelines.metrics import LOWER_IS_BETTER, Estimate, summarize
 from pipelines.records import PerspectiveRecord
 from pipelines.sweep import SAEEntry, holdout_task, sae_catalog
+from sae import storage
 from sae.atomic import atomic_write_json, atomic_write_text
 
 FAMILY_LEVEL = 0.95  # the recommended candidate's Δ interval holds at this level over all candidates
@@ -189,7 +190,7 @@ def serve_settings(
         "top_k": cfg.pd_top_k, "dtype": cfg.dtype,
     }  # fmt: skip
     if mode == "sae" and saes and shown["sae"] in saes:
-        fields["sae"] = str(Path(saes[shown["sae"]]).resolve())
+        fields["sae"] = str(storage.absolute(saes[shown["sae"]]))
     notes = [f"pluristeer recommend for task {task.name!r} (train split only; see recommend.md)."]
     if win is None:
         fields["coeff"] = 0.0
