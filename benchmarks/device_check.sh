@@ -32,7 +32,7 @@ for d in range(40):
     (root / "corpus" / f"{d}.txt").write_text(" ".join(words[i] for i in torch.randint(0, 500, (3000,), generator=g)))
 from pipelines.collect import CollectConfig, collect
 c = CollectConfig.from_dict({"model": str(root / "lm"), "layers": [1, 3], "n_tokens": int(__import__("os").environ.get("COLLECT_TOKENS", "100000")), "context_size": 128,
-    "batch_size": 64, "out": str(root / "store"), "corpus": str(root / "corpus"), "device": __import__("os").environ.get("COLLECT_DEVICE", "cuda"), "wandb": False})
+    "batch_size": 64, "out": str(root / "store"), "corpus": str(root / "corpus"), "device": __import__("os").environ.get("COLLECT_DEVICE", "cuda"), "track": False})
 t = time.perf_counter(); res = collect(c); dt = time.perf_counter() - t
 from pipelines.store import ActivationStore
 s = ActivationStore(root / "store"); s.verify()

@@ -77,7 +77,7 @@ def _train(args: argparse.Namespace, store: storage.Location, out: storage.Locat
             "workers": args.workers,
             "checkpoint_every": args.checkpoint_every,
             "log_every": 5,
-            "output_dir": str(out),
+            "out": str(out),
             "eval_tokens": 0,
             "track": False,
         }

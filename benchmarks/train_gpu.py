@@ -208,7 +208,7 @@ def main() -> None:
                 "zero_stage": args.zero_stage,
                 "checkpoint_every": 50,
                 "log_every": 10,
-                "output_dir": str(root / "out"),
+                "out": str(root / "out"),
                 "eval_tokens": 0,
                 "track": have("wandb"),
                 "cpus_per_worker": 4 if device.type == "cuda" else 1,

@@ -180,10 +180,10 @@ def submit_train(head: LocalHead, train_args: Sequence[str], *, env: dict[str, s
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--store", type=Path, required=True, help="activation store to train on")
-    parser.add_argument("--out", type=Path, required=True, help="output_dir of the training run")
+    parser.add_argument("--out", type=Path, required=True, help="out of the training run")
     parser.add_argument("--set", dest="sets", action="append", default=[], help="more train overrides: field=value")
     args = parser.parse_args(argv)
-    train_args = ["--set", f"store={args.store.resolve()}", "--set", f"output_dir={args.out.resolve()}"]
+    train_args = ["--set", f"store={args.store.resolve()}", "--set", f"out={args.out.resolve()}"]
     for item in args.sets:
         train_args += ["--set", item]
     started = time.perf_counter()

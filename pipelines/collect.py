@@ -27,7 +27,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import ray
@@ -83,6 +83,8 @@ PLAN_FIELDS = (
 class CollectConfig(StageConfig):
     """Activation collection. ``dtype`` is the compute dtype, ``store_dtype`` what the shards hold."""
 
+    RENAMED: ClassVar[dict[str, str]] = {"wandb": "track"}
+
     model: str = "embedded"  # "embedded", a local directory or a Hugging Face id
     layers: list[int] = field(default_factory=lambda: [15])  # resid_post of these blocks, one pass
     context_size: int = 128  # tokens per context, BOS included
@@ -106,7 +108,7 @@ class CollectConfig(StageConfig):
     max_restarts: int = 3  # restarts of a dead actor (Ray Core); -1: unlimited
     max_task_retries: int = 3  # retries of a shard whose actor died; -1: unlimited
     compression: Literal["zstd", "lz4", "snappy", "none"] = "zstd"
-    wandb: bool = True  # log progress to W&B (offline unless WANDB_API_KEY is set)
+    track: bool = True  # log progress to W&B (offline unless WANDB_API_KEY is set)
 
     def validate(self) -> None:
         self.dtype = _DTYPE_ALIASES.get(self.dtype, self.dtype)  # type: ignore[assignment]
@@ -465,7 +467,7 @@ def collect(cfg: CollectConfig, *, echo: Callable[[str], None] = print) -> Colle
         f"collect: {name} layers {cfg.layers} -> {cfg.out} ({len(done)} shards done), {cfg.num_actors} actor(s) "
         f"on {'GPU' if use_gpu else f'CPU ({spec.cpu_threads()} threads each)'}, Ray {ray.__version__}"
     )
-    with Tracker("collect", config, storage.local_parent(cfg.out), mode=None if cfg.wandb else "disabled") as tracker:
+    with Tracker("collect", config, storage.local_parent(cfg.out), mode=None if cfg.track else "disabled") as tracker:
         while (last := _prefix(done, cfg.n_tokens)) is None:
             if not todo:  # a later round: outliers left the first one short
                 todo = _schedule(done, cfg)

@@ -207,7 +207,7 @@ def collect_and_train(s: DemoSettings, model_id: str, out: Path, n: int) -> Path
             "eval_tokens": 4096,
             "dead_tokens": 50_000,
             "checkpoint_every": 50,
-            "output_dir": out / "train",
+            "out": out / "train",
             "cpus_per_worker": 1,
             "log_every": 25,
         }

@@ -5,8 +5,8 @@ an equal share of the store's rows (:meth:`ActivationStore.iter_batches`), and t
 :class:`sae.train.SAETrainer` train on the same batches under DDP (gloo on CPU, NCCL on GPU) or DeepSpeed
 (ZeRO stage 0-2; on CPU through gloo). Every ``checkpoint_every`` steps the workers report a checkpoint,
 so a killed worker restarts from it (``max_failures``), and rerunning the same command (same ``name`` and
-``output_dir``) resumes an interrupted run. Rank 0 logs loss, MSE, explained variance, L0, dead fraction,
-tokens/s and MFU to W&B. At the end the driver writes one sae-lens directory per SAE into ``output_dir``
+``out``) resumes an interrupted run. Rank 0 logs loss, MSE, explained variance, L0, dead fraction,
+tokens/s and MFU to W&B. At the end the driver writes one sae-lens directory per SAE into ``out``
 (normalisation folded in) with ``training.json``, and evaluates each on held-out corpus text (MSE,
 explained variance, L0, dead fraction, CE loss recovered).
 
@@ -17,7 +17,7 @@ finite state as a checkpoint, the driver raises the error naming the step, the S
 and no SAE is exported. An SAE whose CE loss recovered is far below its explained variance is flagged in
 ``training.json`` (``warnings``) and in the command's summary.
 
-``store`` and ``output_dir`` may be URIs (``s3://bucket/prefix``, :mod:`sae.storage`): the workers stream
+``store`` and ``out`` may be URIs (``s3://bucket/prefix``, :mod:`sae.storage`): the workers stream
 shards from the object store, Ray Train keeps its checkpoints there (``RunConfig.storage_filesystem``),
 and the SAE directories are uploaded file by file (W&B's offline runs stay local, under ``./runs``).
 """
@@ -35,7 +35,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import ray
@@ -78,6 +78,8 @@ CE_GAP_FLAG = 0.25
 class TrainConfig(StageConfig):
     """Configuration of ``pluristeer train`` (YAML fields; override with ``--set field=value``)."""
 
+    RENAMED: ClassVar[dict[str, str]] = {"output_dir": "out", "tokens": "n_tokens"}
+
     store: Path = Path("runs/store")  # activation store (pluristeer collect's output): a directory or a URI
     layer: int | None = None  # None: the store's only layer
     expansions: list[float] = field(default_factory=lambda: [8.0, 32.0])  # one SAE per expansion
@@ -86,7 +88,7 @@ class TrainConfig(StageConfig):
     saes: list[dict] = field(default_factory=list)  # explicit SAESpec mappings; replace expansions/k/architecture
     lr: float | None = None  # None: 8e-4 / sqrt(d_sae / 2^14) per SAE
     batch_size: int = 2048  # tokens per step, all workers together
-    tokens: int = 0  # tokens to train on; 0: epochs × the store's rows
+    n_tokens: int = 0  # tokens to train on; 0: epochs × the store's rows
     epochs: float = 1.0
     shuffle_window: int = 65536
     warmup: float = 0.02
@@ -105,7 +107,7 @@ class TrainConfig(StageConfig):
     keep_checkpoints: int = 2
     max_failures: int = 3
     log_every: int = 10  # steps
-    output_dir: Path = Path("runs/train")  # or a URI (s3://bucket/prefix): SAE directories and checkpoints
+    out: Path = Path("runs/train")  # or a URI (s3://bucket/prefix): SAE directories and checkpoints
     name: str | None = None  # Ray Train run name; None: derived from the store and layer
     ray_address: str | None = None
     seed: int = 0
@@ -129,7 +131,7 @@ class TrainConfig(StageConfig):
         check(not bad, f"worker_resources must map resource names to amounts >= 0, got {bad}")
         reserved = sorted(set(self.worker_resources) & {"CPU", "GPU"})
         check(not reserved, f"worker_resources: set {reserved} through cpus_per_worker / use_gpu instead")
-        check(self.tokens >= 0 and self.epochs > 0, "tokens must be >= 0 and epochs > 0")
+        check(self.n_tokens >= 0 and self.epochs > 0, "n_tokens must be >= 0 and epochs > 0")
         check(self.zero_stage in (0, 1, 2), f"zero_stage must be 0, 1 or 2, got {self.zero_stage}")
         check(self.checkpoint_every >= 1 and self.log_every >= 1, "checkpoint_every and log_every must be >= 1")
         check(0 <= self.warmup < 1 and 0 <= self.decay < 1, "warmup and decay are fractions of the steps in [0, 1)")
@@ -171,7 +173,7 @@ class TrainConfig(StageConfig):
             raise ConfigError(str(err)) from None
 
     def trainer_config(self, store_rows: int) -> TrainerConfig:
-        tokens = self.tokens or int(self.epochs * store_rows)
+        tokens = self.n_tokens or int(self.epochs * store_rows)
         if tokens < self.batch_size:
             raise ConfigError(f"tokens ({tokens}) is less than one batch ({self.batch_size}): lower batch_size")
         return TrainerConfig(
@@ -383,8 +385,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     peak = matmul_peak_flops(device, lp or torch.float32)
     flops = sum(flops_per_token(s) for s in trainer.saes.values())
     if rank == 0 and cfg.track:
-        tracker = Tracker("train", cfg.to_dict(), cfg.output_dir, name=f"{cfg.run_name(layer)}-r{resumed_from}")
-    marker = storage.join(cfg.output_dir, f".{cfg.run_name(layer)}.failure-injected")
+        tracker = Tracker("train", cfg.to_dict(), cfg.out, name=f"{cfg.run_name(layer)}-r{resumed_from}")
+    marker = storage.join(cfg.out, f".{cfg.run_name(layer)}.failure-injected")
     clock, clock_tokens = time.perf_counter(), trainer.tokens
     try:
         while trainer.step < total:
@@ -478,10 +480,10 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     cfg.trainer_config(len(store))  # fail early on a too-small store
     check_store_finite(store, layer)
     _normalizer(store, layer)  # statistics that cannot normalise fail here, not in every worker
-    output = storage.absolute(cfg.output_dir)
+    output = storage.absolute(cfg.out)
     storage.makedirs(output)
     init_ray(cfg.ray_address)
-    cfg_dict = {**cfg.to_dict(), "store": str(storage.absolute(cfg.store)), "output_dir": str(output)}
+    cfg_dict = {**cfg.to_dict(), "store": str(storage.absolute(cfg.store)), "out": str(output)}
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"cfg": cfg_dict},
@@ -567,7 +569,7 @@ def export_saes(
     dirs: dict[str, storage.Location] = {}
     metrics: dict[str, dict[str, Any]] = {}
     for name, sae in saes.items():
-        path = storage.join(cfg.output_dir, f"L{layer}-{name}")
+        path = storage.join(cfg.out, f"L{layer}-{name}")
         sae.save(path)
         train_metrics = {k.split("/", 1)[1]: v for k, v in final_metrics.items() if k.startswith(f"{name}/")}
         metrics[name] = {"train": train_metrics, "eval": evaluation.get(name, {})}
@@ -619,7 +621,7 @@ def _log_final(
     cfg: TrainConfig, layer: int, dirs: dict[str, storage.Location], metrics: dict[str, dict[str, Any]]
 ) -> None:
 
-    with Tracker("train", cfg.to_dict(), cfg.output_dir, name=f"{cfg.run_name(layer)}-final") as tracker:
+    with Tracker("train", cfg.to_dict(), cfg.out, name=f"{cfg.run_name(layer)}-final") as tracker:
         flat = {f"{n}/{part}/{k}": v for n, m in metrics.items() for part, d in m.items() for k, v in d.items()}
         tracker.summary({k: v for k, v in flat.items() if isinstance(v, int | float)})
         for name, path in dirs.items():

@@ -315,6 +315,19 @@ def test_train_config_ranges(field: str, value: str, message: str) -> None:
         TrainConfig.load(None, [f"{field}={value}"])
 
 
+@pytest.mark.parametrize(
+    ("stage", "old", "new"),
+    [("CollectConfig", "wandb", "track"), ("TrainConfig", "output_dir", "out"), ("TrainConfig", "tokens", "n_tokens"),
+     ("VectorConfig", "data", "task"), ("EvalConfig", "pd_alpha_mislc", "task_alphas")],
+)  # fmt: skip
+def test_an_old_field_name_says_what_it_was_renamed_to(stage: str, old: str, new: str) -> None:
+    """One name per concept across stages (out, track, n_tokens): a config with the old name is told the new."""
+    cls = next(c for c in _stage_configs() if c.__name__ == stage)
+    assert new in {f.name for f in dataclasses.fields(cls)} and old not in {f.name for f in dataclasses.fields(cls)}
+    with pytest.raises(ConfigError, match=re.escape(f"{old}: renamed to {new}")):
+        cls.load(None, [f"{old}=1"])
+
+
 def test_fuzzed_overrides_only_raise_config_errors() -> None:
     """Hypothesis: arbitrary text as ``--set field=...`` for every field of every stage config."""
     from hypothesis import HealthCheck, given, settings

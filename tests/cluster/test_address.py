@@ -81,7 +81,7 @@ def test_a_bad_address_is_a_clear_cli_error(stage: str) -> None:
 
 def test_a_bad_ray_address_from_set_is_a_clear_error_too(tiny_store, tmp_path) -> None:
     result = CliRunner().invoke(
-        app, ["train", "--set", f"store={tiny_store}", "--set", f"output_dir={tmp_path}", "--set", "ray_address=head"]
+        app, ["train", "--set", f"store={tiny_store}", "--set", f"out={tmp_path}", "--set", "ray_address=head"]
     )
     assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
     assert "ray_address 'head': expected 'auto'" in " ".join(result.output.split())

@@ -13,7 +13,7 @@ from cluster.jobcheck import local_head, submit_train
 
 def test_train_stage_runs_as_a_ray_job_on_a_local_head(tiny_store: Path, tmp_path: Path) -> None:
     out = tmp_path / "train"
-    args = ["--set", f"store={tiny_store}", "--set", f"output_dir={out}", "--set", "expansions=4", "--set", "k=4",
+    args = ["--set", f"store={tiny_store}", "--set", f"out={out}", "--set", "expansions=4", "--set", "k=4",
             "--set", "batch_size=512", "--set", "workers=2", "--set", "cpus_per_worker=0.5", "--set", "eval_tokens=0",
             "--set", "track=false", "--set", "dead_tokens=2048"]  # fmt: skip
     with local_head(num_cpus=2) as head:

@@ -75,7 +75,7 @@ def _collect_cfg(tiny_lm_dir: Path, data_root: Path, out: Path, address: str, **
     base = {
         "model": str(tiny_lm_dir), "layers": [LAYER], "context_size": 32, "n_tokens": 1500, "batch_size": 2,
         "contexts_per_shard": 4, "out": out, "corpus": data_root / "corpus", "sources": ["ag_news"],
-        "actor_cpus": 0.5, "torch_threads": 1, "ray_address": address, "wandb": False,
+        "actor_cpus": 0.5, "torch_threads": 1, "ray_address": address, "track": False,
     }  # fmt: skip
     return CollectConfig.from_dict({**base, **kw})
 
@@ -114,7 +114,7 @@ def test_collection_actors_on_two_nodes_write_the_single_node_store(cluster: Nod
 def _train_cfg(store: Path, out: Path, address: str, **kw: Any) -> TrainConfig:
     base = {
         "store": str(store), "expansions": [2], "k": 4, "lr": 3e-3, "batch_size": 256, "epochs": 1, "workers": 2,
-        "cpus_per_worker": 0.5, "output_dir": str(out), "eval_tokens": 0, "track": False, "dead_tokens": 1024,
+        "cpus_per_worker": 0.5, "out": str(out), "eval_tokens": 0, "track": False, "dead_tokens": 1024,
         "ray_address": address, "seed": 3,
     }  # fmt: skip
     return TrainConfig.from_dict({**base, **kw})

@@ -53,7 +53,7 @@ def _cfg(model: Path, out: Path, data_root: Path, **kw) -> CollectConfig:
         "corpus": data_root / "corpus",
         "sources": ["ag_news"],
         "torch_threads": 1,
-        "wandb": False,
+        "track": False,
     }
     return CollectConfig.from_dict({**base, **kw})
 
@@ -237,7 +237,7 @@ def test_embedded_small_slice(local_ray, embedded, data_root, tmp_path) -> None:
             "batch_size": 4,
             "out": tmp_path / "store",
             "corpus": data_root / "corpus",
-            "wandb": True,
+            "track": True,
         }
     )
     result = collect(cfg, echo=lambda _: None)

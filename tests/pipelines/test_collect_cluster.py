@@ -33,7 +33,7 @@ def test_actors_are_placed_on_both_nodes_of_a_two_node_cluster(tiny_lm_dir, data
                 "actor_resources": {"collector": 1},  # one per node: each node has one unit
                 "torch_threads": 1,
                 "ray_address": cluster.address,
-                "wandb": False,
+                "track": False,
             }
         )
         result = collect(cfg, echo=lambda _: None)

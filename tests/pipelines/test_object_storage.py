@@ -57,7 +57,7 @@ def _collect_cfg(model: Path, out: storage.Location, data_root: Path) -> Collect
             "corpus": str(data_root / "corpus"),
             "sources": ["ag_news"],
             "torch_threads": 1,
-            "wandb": False,
+            "track": False,
         }
     )
 
@@ -91,7 +91,7 @@ def _train_cfg(store: storage.Location, out: storage.Location) -> TrainConfig:
             "workers": 2,
             "checkpoint_every": 8,
             "log_every": 8,
-            "output_dir": str(out),
+            "out": str(out),
             "eval_tokens": 0,
             "track": False,
             "dead_tokens": 2048,

@@ -55,7 +55,7 @@ def _cfg(store: Path, out: Path, **kw) -> TrainConfig:
         "workers": 2,
         "checkpoint_every": 10,
         "log_every": 5,
-        "output_dir": str(out),
+        "out": str(out),
         "eval_tokens": 0,
         "track": False,
         "dead_tokens": 2048,
@@ -187,7 +187,7 @@ def test_killed_driver_resumes_from_its_last_checkpoint(ray_cluster, tiny_store:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own Ray, killed with it
     env.update(PYTHONPATH=str(REPO), WANDB_MODE="disabled")
     command = [sys.executable, "-m", "pluristeer.cli", "train", "--config", str(path)]
-    snapshot = cfg.output_dir / "ray" / cfg.run_name(3) / "checkpoint_manager_snapshot.json"
+    snapshot = cfg.out / "ray" / cfg.run_name(3) / "checkpoint_manager_snapshot.json"
     driver = subprocess.Popen(
         command, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path
     )
@@ -210,7 +210,7 @@ def test_killed_driver_resumes_from_its_last_checkpoint(ray_cluster, tiny_store:
     time.sleep(2)
     assert (_latest_step(snapshot) or {}).get("step", 0) == killed_at, "something of the killed run still wrote"
     assert 16 <= killed_at < total, log
-    assert not list(cfg.output_dir.glob("L3-*")), "the killed run must not have exported SAEs"
+    assert not list(cfg.out.glob("L3-*")), "the killed run must not have exported SAEs"
 
     rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
@@ -221,7 +221,7 @@ def test_killed_driver_resumes_from_its_last_checkpoint(ray_cluster, tiny_store:
 
     reference = run_train(_cfg(tiny_store, tmp_path / "reference", **small))
     assert reference.steps == total and reference.report["resumed_from_step"] == 0
-    resumed = SparseAutoencoder.load(cfg.output_dir / "L3-topk-4x-k4")
+    resumed = SparseAutoencoder.load(cfg.out / "L3-topk-4x-k4")
     uninterrupted = SparseAutoencoder.load(reference.sae_dirs["topk-4x-k4"])
     for name, tensor in resumed.state_dict().items():
         assert torch.equal(tensor, uninterrupted.state_dict()[name]), name
@@ -285,8 +285,8 @@ def test_forced_nan_batch_stops_training_exits_non_zero_and_exports_nothing(
         proc.stderr
     ), proc.stderr[-2000:]
     assert "no SAE was exported" in proc.stderr and "Traceback" not in proc.stderr
-    assert not list(cfg.output_dir.glob("L3-*"))  # nothing exported
-    snapshot = cfg.output_dir / "ray" / cfg.run_name(3) / "checkpoint_manager_snapshot.json"
+    assert not list(cfg.out.glob("L3-*"))  # nothing exported
+    snapshot = cfg.out / "ray" / cfg.run_name(3) / "checkpoint_manager_snapshot.json"
     latest = _latest_step(snapshot)
     assert latest is not None and latest["step"] == 11 and "diverged" in latest  # the last finite state
 
@@ -322,7 +322,7 @@ def test_model_with_residuals_beyond_float16_goes_through_collect_train_vectors(
                 "corpus": data_root / "corpus",
                 "sources": ["ag_news"],
                 "torch_threads": 1,
-                "wandb": False,
+                "track": False,
             }
         ),
         echo=lambda _: None,

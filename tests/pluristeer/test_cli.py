@@ -47,7 +47,7 @@ def test_an_unreachable_object_store_is_a_one_line_error_naming_the_uri() -> Non
     env["AWS_SECRET_ACCESS_KEY"] = "y"
     started = time.monotonic()
     proc = subprocess.run(
-        [*_cli(), "train", "--set", "store=s3://bucket/store", "--set", "output_dir=s3://bucket/train"],
+        [*_cli(), "train", "--set", "store=s3://bucket/store", "--set", "out=s3://bucket/train"],
         capture_output=True,
         text=True,
         env=env,
