@@ -68,7 +68,6 @@ class Candidate:
     method: str  # zero-shot | few-shot | pd | caa | sae | pd+steer
     layer: int | None = None  # steering layer (None: unsteered)
     sae: str | None = None  # the SAE's label (8x, 32x, 8x@L24)
-    sae_path: Path | None = None
     granularity: str | None = None  # fine | coarse
     decoding: str | None = None  # PD mode
 
@@ -79,10 +78,6 @@ class Candidate:
     @property
     def coeff(self) -> float | None:
         return None if self.condition.steer is None else self.condition.steer.coeff
-
-    @property
-    def steered(self) -> bool:
-        return self.condition.steer is not None
 
 
 def candidates(cfg: EvalConfig, layer: int, saes: Sequence[SAEEntry], *, unsteered: bool) -> list[Candidate]:
@@ -105,11 +100,11 @@ def candidates(cfg: EvalConfig, layer: int, saes: Sequence[SAEEntry], *, unsteer
         for c in cfg.sweep_coeffs:
             for g in ("fine", "coarse"):
                 cond = Condition(f"steer-{e.label}-{g} c={c:g} @L{layer}", steer=spec(f"{e.label}-{g}", "sae", c))
-                out.append(Candidate(cond, "sae", layer, e.label, e.path, g))
+                out.append(Candidate(cond, "sae", layer, e.label, g))
             for m in PD_MODES:
                 cond = Condition(f"pd-{m}+steer-{e.label} c={c:g} @L{layer}", steer=spec(f"{e.label}-fine", "sae", c),
                                  pd=m, pd_rows="steer")  # fmt: skip
-                out.append(Candidate(cond, "pd+steer", layer, e.label, e.path, "fine", m))
+                out.append(Candidate(cond, "pd+steer", layer, e.label, "fine", m))
     return out
 
 

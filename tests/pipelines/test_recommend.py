@@ -41,7 +41,7 @@ def _task(n: int = 30, kind: str = "classify") -> TaskData:
 
 
 def _steer(name: str, c: float = 1.0) -> Candidate:
-    return Candidate(Condition(name, steer=SteerSpec("8x-fine", "sae", c)), "sae", 15, "8x", None, "fine")
+    return Candidate(Condition(name, steer=SteerSpec("8x-fine", "sae", c)), "sae", 15, "8x", "fine")
 
 
 def _outputs(task: TaskData, cand: Candidate, right: float, coverage: float, seed: int) -> dict:
@@ -103,8 +103,7 @@ def test_distribution_gain_is_lower_jsd() -> None:
 def test_with_no_winner_the_serve_config_is_the_unsteered_model(tmp_path: Path) -> None:
     cfg, task = EvalConfig(bootstrap=500), _task(n=6)
     base = Candidate(Condition(BASELINE), "zero-shot")
-    caa = Candidate(Condition("caa-fine c=2 @L9", steer=SteerSpec("caa-fine", "caa", 2.0)), "caa", 9, None, None,
-                    "fine")  # fmt: skip
+    caa = Candidate(Condition("caa-fine c=2 @L9", steer=SteerSpec("caa-fine", "caa", 2.0)), "caa", 9, None, "fine")
     rows = rank(cfg, task, _found(task, [(base, 0.5, 0.8), (caa, 0.55, 0.8)]))
     assert winner_of(rows) is None
     best = next(r for r in rows if r["coeff"] is not None)
