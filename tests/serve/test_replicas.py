@@ -244,7 +244,8 @@ def test_a_perspective_the_pool_lacks_is_a_422_naming_it(app: App) -> None:
 def test_load_on_one_perspective_scales_it_up_and_down_while_an_idle_one_stays_at_zero(app: App) -> None:
     """A load ramp on BUSY (target 1 ongoing request per replica): its deployment goes 1 -> >= 2 replicas and back
     to 1 after the load; IDLE (min_replicas 0) is at 0 throughout the load and its first request afterwards is
-    served (a cold start). Zero failed requests; the replica counts over time are printed."""
+    served (a cold start); a /metrics scrape meanwhile does not wake it. Zero failed requests; the replica
+    counts over time are printed."""
     busy, idle = f"PerspectiveModel-{BUSY.lower()}", f"PerspectiveModel-{IDLE.lower()}"
     _wait("the idle perspective to scale to zero", lambda: replicas(idle) == 0, 30)
     timeline: list[tuple[float, int, int]] = []
@@ -285,6 +286,8 @@ def test_load_on_one_perspective_scales_it_up_and_down_while_an_idle_one_stays_a
     try:
         for c in clients:
             c.start()
+        # a Prometheus scrape while IDLE is at zero: refreshes the running replicas' gauges, does not wake IDLE
+        assert _metric(app, "pluristeer_replica_rss_bytes", deployment=busy) > 0
         up = _wait("the busy perspective to scale up", lambda: replicas(busy) >= 2, 45)
     finally:
         load_on.clear()
@@ -306,3 +309,32 @@ def test_load_on_one_perspective_scales_it_up_and_down_while_an_idle_one_stays_a
     assert max(b for _, b, _ in timeline) >= 2 and timeline[0][1] == 1
     assert all(i == 0 for _, _, i in timeline), "the idle perspective must not scale up under another's load"
     assert replicas(idle) >= 1  # woken by its request
+
+
+def test_a_new_vector_version_reaches_every_pool_replica_without_a_restart(app: App) -> None:
+    from common.registry import RegistryClient
+
+    target = app.pooled[10]
+    ids = app.tok("A new version", add_special_tokens=False)["input_ids"]
+    pool = _handle("PerspectivePool")
+    before = pool.step_rows.remote(ids, [target]).result(timeout_s=60)
+    pids = set()
+    for _ in range(20):
+        pids.add(pool.stats.remote().result(timeout_s=60)["pid"])
+        if len(pids) == 2:
+            break
+    assert len(pids) == 2
+    scaled = {p: v * (4.0 if p == target else 1.0) for p, v in app.vectors.vectors.items()}
+    changed = VectorSet(scaled, app.vectors.meta)
+    assert RegistryClient(app.registry).publish(changed, NAME) == f"{NAME}@2"
+    seen: dict[int, Any] = {}
+
+    def both_at_2() -> bool:
+        st = pool.stats.remote().result(timeout_s=60)
+        seen[st["pid"]] = st["version"]
+        return set(seen) == pids and all(v == 2 for v in seen.values())
+
+    _wait("both pool replicas to follow version 2", both_at_2, 30, poll_s=0.1)
+    for _ in range(6):  # whichever replica answers: the new vector
+        after = pool.step_rows.remote(ids, [target]).result(timeout_s=60)
+        assert after["version"] == 2 and np.abs(after["logits"][0] - before["logits"][0]).max() > 1e-3
