@@ -14,6 +14,8 @@ shared machine drifts); ratios are medians over rounds.
 - train: ``pluristeer train`` (Ray Train, ``workers`` ranks) reading the store written by the same round's
   collect, its checkpoints and SAE directories on the same medium; the rate is the workers' last reported
   tokens/s (the last ``log_every`` steps: noisy on a shared machine) and tokens over the driver's wall time.
+  A checkpoint is uploaded synchronously inside ``ray.train.report``: with ``--checkpoint-every`` small,
+  the intervals that hold one also time the upload (an 8x SAE on d=576 with Adam state is ~64 MB).
 
     PYTHONPATH=. python benchmarks/storage.py --n-tokens 16256 --rounds 2
 """
@@ -82,11 +84,11 @@ def _train(args: argparse.Namespace, store: storage.Location, out: storage.Locat
             "expansions": [args.expansion],
             "k": 32,
             "batch_size": args.train_batch,
-            "epochs": args.epochs,
+            "tokens": args.train_tokens,
             "shuffle_window": 8192,
             "workers": args.workers,
             "checkpoint_every": args.checkpoint_every,
-            "log_every": args.checkpoint_every,  # the last reported rate spans a checkpoint interval
+            "log_every": args.log_every,
             "output_dir": str(out),
             "eval_tokens": 0,
             "track": False,
@@ -110,9 +112,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=0, help="intra-op threads per actor (0: all cores)")
     parser.add_argument("--expansion", type=float, default=8.0)
     parser.add_argument("--train-batch", type=int, default=1024)
-    parser.add_argument("--epochs", type=float, default=2.0)
+    parser.add_argument("--train-tokens", type=int, default=40960, help="a multiple of log-every x train-batch")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--checkpoint-every", type=int, default=10)
+    parser.add_argument("--checkpoint-every", type=int, default=100, help="steps (100: the product's default)")
+    parser.add_argument("--log-every", type=int, default=10, help="steps; the rate is the last interval's")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     args = parser.parse_args(argv)
