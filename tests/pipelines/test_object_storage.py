@@ -12,6 +12,7 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -77,7 +78,8 @@ def test_collect_to_s3_equals_a_local_collect(s3_ray, tiny_lm_dir, data_root, tm
     torch.testing.assert_close(a.read(3), b.read(3))
     assert a.manifest.stats == b.manifest.stats and remote.bytes_per_token == local.bytes_per_token
     rows = a.ray_dataset().take_all()  # Ray Data reads the shards from the bucket through the same filesystem
-    assert sorted(tuple(r["layer_3"].tolist()) for r in rows) == sorted(map(tuple, b.read(3).tolist()))  # any order
+    got = sorted(tuple(np.asarray(r["layer_3"], dtype=np.float32).tolist()) for r in rows)  # in any order
+    assert got == sorted(map(tuple, b.read(3).tolist()))
     again = collect(_collect_cfg(tiny_lm_dir, uri, data_root), echo=lambda _: None)  # a rerun resumes: no work
     assert again.computed == [] and again.manifest.rows == 300
 
