@@ -8,9 +8,14 @@ shared machine drifts); ratios are medians over rounds.
 
 - collect: ``pluristeer collect`` into ``out`` = a local directory / ``s3://bucket/store-r``; the rate is
   the steady-state tokens/s (first finished shard to last, as benchmarks/collect.py) and end to end.
+- stream: the training reader alone (``ActivationStore.iter_batches``, one epoch, shuffled as training
+  reads it) in this process: what the medium can feed; training is I/O-bound only where this is slower
+  than training's own rate.
 - train: ``pluristeer train`` (Ray Train, ``workers`` ranks) reading the store written by the same round's
   collect, its checkpoints and SAE directories on the same medium; the rate is the workers' last reported
-  tokens/s and tokens over the driver's wall time.
+  tokens/s (the last ``log_every`` steps: noisy on a shared machine) and tokens over the driver's wall time.
+  A checkpoint is uploaded synchronously inside ``ray.train.report``: with ``--checkpoint-every`` small,
+  the intervals that hold one also time the upload (an 8x SAE on d=576 with Adam state is ~64 MB).
 
     PYTHONPATH=. python benchmarks/storage.py --n-tokens 16256 --rounds 2
 """
@@ -32,6 +37,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipelines.collect import CollectConfig, collect
+from pipelines.store import ActivationStore
 from pipelines.train import TrainConfig, run_train
 from sae import storage
 from tests.s3_server import S3Server
@@ -65,6 +71,12 @@ def _collect(args: argparse.Namespace, out: storage.Location) -> dict[str, float
     }
 
 
+def _stream(args: argparse.Namespace, store: storage.Location) -> dict[str, float]:
+    started = time.perf_counter()
+    rows = sum(len(b) for b in ActivationStore(store).iter_batches(args.layer, args.train_batch, shuffle_window=8192))
+    return {"tok_s": rows / (time.perf_counter() - started)}
+
+
 def _train(args: argparse.Namespace, store: storage.Location, out: storage.Location) -> dict[str, float]:
     cfg = TrainConfig.from_dict(
         {
@@ -72,11 +84,11 @@ def _train(args: argparse.Namespace, store: storage.Location, out: storage.Locat
             "expansions": [args.expansion],
             "k": 32,
             "batch_size": args.train_batch,
-            "epochs": args.epochs,
+            "n_tokens": args.train_tokens,
             "shuffle_window": 8192,
             "workers": args.workers,
             "checkpoint_every": args.checkpoint_every,
-            "log_every": 5,
+            "log_every": args.log_every,
             "out": str(out),
             "eval_tokens": 0,
             "track": False,
@@ -100,9 +112,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=0, help="intra-op threads per actor (0: all cores)")
     parser.add_argument("--expansion", type=float, default=8.0)
     parser.add_argument("--train-batch", type=int, default=1024)
-    parser.add_argument("--epochs", type=float, default=2.0)
+    parser.add_argument("--train-tokens", type=int, default=40960, help="a multiple of log-every x train-batch")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--checkpoint-every", type=int, default=10)
+    parser.add_argument("--checkpoint-every", type=int, default=100, help="steps (100: the product's default)")
+    parser.add_argument("--log-every", type=int, default=10, help="steps; the rate is the last interval's")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     args = parser.parse_args(argv)
@@ -126,10 +139,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     got = _collect(args, storage.join(media[medium], "store"))
                     row.update({f"collect_{medium}_{k}": v for k, v in got.items()})
                 for medium in order:
+                    got = _stream(args, storage.join(media[medium], "store"))
+                    row.update({f"stream_{medium}_{k}": v for k, v in got.items()})
+                for medium in order:
                     root = media[medium]
                     got = _train(args, storage.join(root, "store"), storage.join(root, "train"))
                     row.update({f"train_{medium}_{k}": v for k, v in got.items()})
-                for stage, rate in (("collect", "steady_tok_s"), ("collect", "end_to_end_tok_s"),
+                for stage, rate in (("collect", "steady_tok_s"), ("collect", "end_to_end_tok_s"), ("stream", "tok_s"),
                                     ("train", "worker_tok_s"), ("train", "end_to_end_tok_s")):  # fmt: skip
                     row[f"ratio_{stage}_{rate}"] = row[f"{stage}_s3_{rate}"] / row[f"{stage}_local_{rate}"]
                 row["load"] = os.getloadavg()[0]
@@ -137,6 +153,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 print(
                     f"round {r} ({' then '.join(order)}): collect steady local {row['collect_local_steady_tok_s']:.0f}"
                     f" / s3 {row['collect_s3_steady_tok_s']:.0f} tok/s (x{row['ratio_collect_steady_tok_s']:.3f}); "
+                    f"stream local {row['stream_local_tok_s']:.0f} / s3 {row['stream_s3_tok_s']:.0f} tok/s "
+                    f"(x{row['ratio_stream_tok_s']:.3f}); "
                     f"train local {row['train_local_worker_tok_s']:.0f} / s3 {row['train_s3_worker_tok_s']:.0f} tok/s"
                     f" (x{row['ratio_train_worker_tok_s']:.3f}) | load {row['load']:.1f}"
                 )
@@ -146,11 +164,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"S3/local ratios, medians of {len(rounds)} rounds (goal >= 0.9):")
     print(f"  collect, steady state:                  {summary['ratio_collect_steady_tok_s']:.3f}")
     print(f"  collect, end to end incl. start-up:     {summary['ratio_collect_end_to_end_tok_s']:.3f}")
+    print(f"  the training reader alone:              {summary['ratio_stream_tok_s']:.3f}")
     print(f"  train, workers' tokens/s:               {summary['ratio_train_worker_tok_s']:.3f}")
     print(f"  train, end to end incl. Ray Train start: {summary['ratio_train_end_to_end_tok_s']:.3f}")
     print(f"bytes/token of the store: {summary['collect_local_bytes_per_token']:.0f} ({args.store_dtype})")
     if args.json:
-        args.json.write_text(json.dumps({"summary": summary, "rounds": rounds, "args": vars(args)}, indent=2) + "\n")
+        report = {"summary": summary, "rounds": rounds, "args": vars(args)}
+        args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
     shutil.rmtree(tmp, ignore_errors=True)
     return summary
 

@@ -1,6 +1,10 @@
 """collect -> train -> serve on one local 3-node Ray cluster (``ray.cluster_utils.Cluster``: a head and two worker
 nodes marked by custom resources ``node_a`` / ``node_b`` and a shared ``slot``), each stage spread over the two
-worker nodes and checked against the same stage confined to one node. Tiny random Llama (``tiny_lm_dir``)."""
+worker nodes and checked against the same stage confined to one node. Tiny random Llama (``tiny_lm_dir``).
+
+The spread runs keep every artifact on a real S3 server (moto, tests/s3_server.py) — the store, Ray Train's
+checkpoints, the SAE directory and the registry's durable copy, so the nodes share no path — and the
+single-node runs keep theirs on local disk: the equalities below also compare object storage with disk."""
 
 from __future__ import annotations
 
@@ -39,12 +43,14 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(s3_server):
     import ray
     from ray.cluster_utils import Cluster
 
     patch = pytest.MonkeyPatch()
     patch.setenv("PLURISTEER_API_KEYS", KEY)  # before the nodes start: serve replicas inherit it
+    for key, value in s3_server.env.items():  # and the S3 endpoint and credentials, as pods get them from a Secret
+        patch.setenv(key, value)
     if ray.is_initialized():
         ray.shutdown()
     t0 = time.perf_counter()
@@ -71,7 +77,7 @@ def cluster():
         patch.undo()
 
 
-def _collect_cfg(tiny_lm_dir: Path, data_root: Path, out: Path, address: str, **kw: Any) -> CollectConfig:
+def _collect_cfg(tiny_lm_dir: Path, data_root: Path, out: Path | str, address: str, **kw: Any) -> CollectConfig:
     base = {
         "model": str(tiny_lm_dir), "layers": [LAYER], "context_size": 32, "n_tokens": 1500, "batch_size": 2,
         "contexts_per_shard": 4, "out": out, "corpus": data_root / "corpus", "sources": ["ag_news"],
@@ -81,10 +87,15 @@ def _collect_cfg(tiny_lm_dir: Path, data_root: Path, out: Path, address: str, **
 
 
 @pytest.fixture(scope="module")
-def stores(cluster: Nodes, tiny_lm_dir: Path, data_root: Path, tmp_path_factory) -> dict[str, Any]:
+def bucket(s3_server) -> str:
+    return s3_server.create_bucket("multinode")
+
+
+@pytest.fixture(scope="module")
+def stores(cluster: Nodes, bucket: str, tiny_lm_dir: Path, data_root: Path, tmp_path_factory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("multinode-stores")
     spread = collect(
-        _collect_cfg(tiny_lm_dir, data_root, root / "spread", cluster.address, num_actors=2,
+        _collect_cfg(tiny_lm_dir, data_root, f"{bucket}/stores/spread", cluster.address, num_actors=2,
                      actor_resources={"slot": 1}),  # one slot per worker node: one actor on each
         echo=lambda _: None,
     )  # fmt: skip
@@ -96,8 +107,9 @@ def stores(cluster: Nodes, tiny_lm_dir: Path, data_root: Path, tmp_path_factory)
     return {"spread": spread, "single": single}
 
 
-def test_collection_actors_on_two_nodes_write_the_single_node_store(cluster: Nodes, stores) -> None:
+def test_collection_actors_on_two_nodes_write_the_single_node_store(cluster: Nodes, bucket: str, stores) -> None:
     spread, single = stores["spread"], stores["single"]
+    assert spread.out == f"{bucket}/stores/spread"  # on S3; the single-node store on local disk
     assert spread.nodes == {cluster.a, cluster.b} and single.nodes == {cluster.a}
     assert {t["node"] for t in spread.shard_times} == {cluster.a, cluster.b}
     x, y = ActivationStore(spread.out), ActivationStore(single.out)
@@ -111,7 +123,7 @@ def test_collection_actors_on_two_nodes_write_the_single_node_store(cluster: Nod
     np.testing.assert_allclose(sx["mean"], sy["mean"], rtol=1e-5, atol=1e-6)
 
 
-def _train_cfg(store: Path, out: Path, address: str, **kw: Any) -> TrainConfig:
+def _train_cfg(store: Path | str, out: Path | str, address: str, **kw: Any) -> TrainConfig:
     base = {
         "store": str(store), "expansions": [2], "k": 4, "lr": 3e-3, "batch_size": 256, "epochs": 1, "workers": 2,
         "cpus_per_worker": 0.5, "out": str(out), "eval_tokens": 0, "track": False, "dead_tokens": 1024,
@@ -121,10 +133,10 @@ def _train_cfg(store: Path, out: Path, address: str, **kw: Any) -> TrainConfig:
 
 
 @pytest.fixture(scope="module")
-def trained(cluster: Nodes, stores, tmp_path_factory) -> dict[str, TrainResult]:
+def trained(cluster: Nodes, bucket: str, stores, tmp_path_factory) -> dict[str, TrainResult]:
     root = tmp_path_factory.mktemp("multinode-train")
     spread = run_train(
-        _train_cfg(stores["spread"].out, root / "spread", cluster.address, worker_resources={"slot": 1},
+        _train_cfg(stores["spread"].out, f"{bucket}/train/spread", cluster.address, worker_resources={"slot": 1},
                    placement_strategy="STRICT_SPREAD")
     )  # fmt: skip
     single = run_train(_train_cfg(stores["single"].out, root / "single", cluster.address,
@@ -137,7 +149,9 @@ def test_two_training_workers_on_two_nodes_train_the_single_node_sae(cluster: No
     assert sorted(spread.report["worker_nodes"]) == sorted([cluster.a, cluster.b])  # rank 0 and 1 on each node
     assert single.report["worker_nodes"] == [cluster.a, cluster.a]
     assert spread.steps == single.steps == 1500 // 256 and spread.tokens == single.tokens
+    assert str(spread.checkpoint).startswith("s3://multinode/train/spread/ray/")  # Ray Train's checkpoints on S3
     (name,) = spread.sae_dirs
+    assert str(spread.sae_dirs[name]).startswith("s3://multinode/train/spread/")
     x, y = SparseAutoencoder.load(spread.sae_dirs[name]), SparseAutoencoder.load(single.sae_dirs[name])
     for key, value in x.state_dict().items():
         assert torch.isfinite(value).all(), key
@@ -149,7 +163,7 @@ def test_two_training_workers_on_two_nodes_train_the_single_node_sae(cluster: No
 
 
 def test_serve_replicas_on_two_nodes_answer_like_offline_decoding(
-    cluster: Nodes, trained, tiny_lm_dir: Path, tmp_path: Path
+    cluster: Nodes, bucket: str, trained, tiny_lm_dir: Path
 ) -> None:
     from ray import serve
 
@@ -174,12 +188,13 @@ def test_serve_replicas_on_two_nodes_answer_like_offline_decoding(
                          n_samples={"a": 1, "b": 1}, readout="test", dim=d_sae, sae_path=str(sae_dir),
                          sae_sha256=sae_file_hash(sae_dir), sae_fingerprint=sae_fingerprint(sae))  # fmt: skip
     vs = VectorSet(vectors, meta)
-    RegistryClient(tmp_path / "registry").publish(vs, "multinode")
+    registry = f"{bucket}/registry"  # the durable copy on S3; the replicas load the SAE from S3 too (sae_path)
+    RegistryClient(registry).publish(vs, "multinode")
     port = _free_port()
     pin = {"head": {"head": 0.01}, "a": {"node_a": 0.01}, "b": {"node_b": 0.01}}
     cfg = ServeConfig.from_dict(
         {
-            "vectors": "multinode", "registry_dir": str(tmp_path / "registry"), "model": str(tiny_lm_dir),
+            "vectors": "multinode", "registry_dir": registry, "model": str(tiny_lm_dir),
             "backend": "replicas", "port": port, "replica_cpus": 0.25, "aggregator_cpus": 0.1,
             "max_tokens_limit": 12, "default_max_tokens": 6, "max_perspectives": 2, "max_prompt_tokens": 128,
             "deployments": {

@@ -1,5 +1,7 @@
 """collect and train with every artifact on a real S3 server (moto, tests/s3_server.py): the store, Ray
-Train's checkpoints and the SAE directories on ``s3://``, the results equal to a local-disk run's.
+Train's checkpoints and the SAE directories on ``s3://``. The collected store equals a local-disk one byte
+for byte; training on S3 against training on local disk is compared in tests/cluster/test_multinode.py
+(two workers on two nodes reading the S3 store vs one node reading a local one).
 
 Ray is started here, after the ``AWS_*`` variables point at the server, so its workers inherit them (as
 pods of a KubeRay cluster get them from a secret).
@@ -75,6 +77,9 @@ def test_collect_to_s3_equals_a_local_collect(s3_ray, tiny_lm_dir, data_root, tm
     a.verify()
     torch.testing.assert_close(a.read(3), b.read(3))
     assert a.manifest.stats == b.manifest.stats and remote.bytes_per_token == local.bytes_per_token
+    rows = a.ray_dataset().take_all()  # Ray Data reads the shards from the bucket through the same filesystem
+    got = sorted(tuple(np.asarray(r["layer_3"], dtype=np.float32).tolist()) for r in rows)  # in any order
+    assert got == sorted(map(tuple, b.read(3).tolist()))
     again = collect(_collect_cfg(tiny_lm_dir, uri, data_root), echo=lambda _: None)  # a rerun resumes: no work
     assert again.computed == [] and again.manifest.rows == 300
 
@@ -99,22 +104,21 @@ def _train_cfg(store: storage.Location, out: storage.Location) -> TrainConfig:
     )
 
 
-def test_train_from_and_to_s3_equals_a_local_run(s3_ray, tmp_path) -> None:
+def test_train_from_and_to_s3_keeps_checkpoints_and_saes_in_the_bucket(s3_ray, tmp_path) -> None:
     bucket = _bucket(s3_ray)
     store_uri = f"{bucket}/stores/synthetic"
     synthetic_store(store_uri, rows=4096, shards=4)
-    synthetic_store(tmp_path / "store", rows=4096, shards=4)
     remote = run_train(_train_cfg(store_uri, f"{bucket}/train"))
-    local = run_train(_train_cfg(tmp_path / "store", tmp_path / "train"))
     assert remote.checkpoint is not None and remote.checkpoint.startswith(f"{bucket}/train/ray/")
     assert storage.listdir(remote.checkpoint) != []  # Ray Train wrote its checkpoint into the bucket
-    assert remote.steps == local.steps == 4096 // 512
+    assert remote.steps == 4096 // 512 and list(tmp_path.iterdir()) == []
     sae_dir = remote.sae_dirs["topk-4x-k4"]
     assert sae_dir == f"{bucket}/train/L3-topk-4x-k4"
     assert storage.listdir(sae_dir) == ["cfg.json", "sae_weights.safetensors", "training.json"]
     training = storage.read_json(storage.join(sae_dir, "training.json"))
     assert training["store"]["path"] == store_uri
     assert training["store"]["manifest_sha256"] == storage.sha256(f"{store_uri}/manifest.json")
-    ours, reference = SparseAutoencoder.load(sae_dir), SparseAutoencoder.load(local.sae_dirs["topk-4x-k4"])
-    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
-        np.testing.assert_array_equal(getattr(ours, name).detach().numpy(), getattr(reference, name).detach().numpy())
+    sae = SparseAutoencoder.load(sae_dir)
+    x = ActivationStore(store_uri).read(3, limit=512)
+    explained = 1 - ((sae(x) - x) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+    assert torch.isfinite(explained) and explained > 0, float(explained)  # better than the mean: it learnt
