@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipelines.store import RunningStats, StoreError, write_shard
+from pipelines.store import STORE_DTYPES, RunningStats, StoreError, check_values, write_shard
 from sae.hooks import residuals
 from sae.lm import load_lm
 
@@ -98,7 +98,7 @@ class ResidualWorker:
 
     @torch.inference_mode()
     def forward(self, input_ids: np.ndarray) -> tuple[dict[int, torch.Tensor], torch.Tensor, int]:
-        """Kept residual rows per layer (float32, on CPU: the store dtype is applied after the range check),
+        """Kept residual rows per layer (float32, on CPU: :meth:`process` checks their range, then casts),
         the keep mask, and the outlier count."""
         spec = self.spec
         ids = torch.tensor(input_ids, dtype=torch.long, device=spec.device)  # a copy: Ray's batch is read-only
@@ -128,6 +128,8 @@ class ResidualWorker:
             position.append(pos.numpy().astype(np.int16))
         forward_s = time.time() - started
         full = {layer: np.concatenate(parts) for layer, parts in acts.items()}
+        check_values(index, full, spec.store_dtype)  # before the cast: float16 would turn overflow into inf
+        full = {layer: a.astype(STORE_DTYPES[spec.store_dtype], copy=False) for layer, a in full.items()}
         stats = {}
         for layer, a in full.items():
             s = RunningStats(a.shape[1])
