@@ -414,7 +414,8 @@ def collect(cfg: CollectConfig, *, echo: Callable[[str], None] = print) -> Colle
     config = {**cfg.to_dict(), "corpus": str(corpus)}
     _check_resumable(cfg, _plan_key(config))
     store_dtype, choice = cfg.store_dtype, {}
-    if store_dtype == AUTO and (cfg.out / MANIFEST).exists():  # a resumed run keeps the dtype chosen before shard 0
+    # a resumed run keeps the dtype chosen before shard 0
+    if store_dtype == AUTO and storage.exists(storage.join(cfg.out, MANIFEST)):
         existing = read_manifest(cfg.out)
         store_dtype, choice = existing.dtype, existing.dtype_choice
     writer = None  # with auto on a new store: created once the probe chose the dtype, before any shard
