@@ -225,6 +225,7 @@ def demo(
     out: Annotated[Path, typer.Option(help="where the demo writes its outputs (a rerun resumes)")] = Path("runs/demo"),
     tokens: Annotated[int, typer.Option(help="activation rows to collect for the SAE")] = 200_000,
     limit: Annotated[int, typer.Option(help="test records per perspective in the evaluation slice")] = 20,
+    samples: Annotated[int, typer.Option(help="feedback samples per perspective for the vectors")] = 50,
     data: Annotated[
         Path | None, typer.Option("--data", help="your perspective JSONL: vectors, recommend and evaluate on it")
     ] = None,
@@ -233,11 +234,15 @@ def demo(
     (with --data: collect -> train -> vectors -> recommend -> evaluate on the file's test split)."""
     from pipelines.demo import DemoSettings, run_demo
 
-    if tokens < 4096 or limit < 1:
-        _fail("--tokens must be >= 4096 and --limit >= 1")
+    if tokens < 4096 or limit < 1 or samples < 1:
+        _fail("--tokens must be >= 4096, --limit and --samples >= 1")
     try:
         run_demo(
-            data_dir=data_dir, model_id=model, out=out, settings=DemoSettings(tokens=tokens, limit=limit), data=data
+            data_dir=data_dir,
+            model_id=model,
+            out=out,
+            settings=DemoSettings(tokens=tokens, limit=limit, samples=samples),
+            data=data,
         )
     except _user_errors() as err:
         _fail(str(err))
