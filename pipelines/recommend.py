@@ -53,11 +53,11 @@ from pipelines.records import PerspectiveRecord
 from pipelines.sweep import SAEEntry, holdout_task, sae_catalog
 from sae import storage
 from sae.atomic import atomic_write_json, atomic_write_text
+from sae.decoding import DECODING_MODES
 
 FAMILY_LEVEL = 0.95  # the recommended candidate's Δ interval holds at this level over all candidates
 MIN_COVERAGE = 0.5  # a candidate's option mass must keep this share of zero-shot's to be recommended
 FEW_RECORDS = 10  # fewer held-out records per perspective than this: the intervals are rough (said so)
-PD_MODES = ("mean", "cad", "dvd")
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ def candidates(cfg: EvalConfig, layer: int, saes: Sequence[SAEEntry], *, unsteer
     out = [Candidate(Condition(BASELINE), "zero-shot")]
     if unsteered:
         out.append(Candidate(Condition("few-shot", prompt="few-shot"), "few-shot"))
-        out += [Candidate(Condition(f"pd-{m}", pd=m, pd_rows="prompt"), "pd", decoding=m) for m in PD_MODES]
+        out += [Candidate(Condition(f"pd-{m}", pd=m, pd_rows="prompt"), "pd", decoding=m) for m in DECODING_MODES]
     for c in cfg.sweep_coeffs:
         out.append(Candidate(Condition(f"caa-fine c={c:g} @L{layer}", steer=spec("caa-fine", "caa", c)), "caa", layer,
                              granularity="fine"))  # fmt: skip
@@ -101,7 +101,7 @@ def candidates(cfg: EvalConfig, layer: int, saes: Sequence[SAEEntry], *, unsteer
             for g in ("fine", "coarse"):
                 cond = Condition(f"steer-{e.label}-{g} c={c:g} @L{layer}", steer=spec(f"{e.label}-{g}", "sae", c))
                 out.append(Candidate(cond, "sae", layer, e.label, g))
-            for m in PD_MODES:
+            for m in DECODING_MODES:
                 cond = Condition(f"pd-{m}+steer-{e.label} c={c:g} @L{layer}", steer=spec(f"{e.label}-fine", "sae", c),
                                  pd=m, pd_rows="steer")  # fmt: skip
                 out.append(Candidate(cond, "pd+steer", layer, e.label, "fine", m))
@@ -251,7 +251,7 @@ def run_recommend(cfg: EvalConfig, *, echo: Callable[[str], None] = print) -> di
         }  # fmt: skip
         served = win if win is not None and win["coeff"] is not None else best_steered
         if served is not None:
-            vectors = final_vectors(cfg, engine, t, train[t.name], served)
+            vectors = final_vectors(cfg, engine, t, train[t.name], served, paths)
             fields, notes = serve_settings(cfg, t, win, best_steered, vectors, paths)
             text = "".join(f"# {line}\n" for line in notes) + yaml.safe_dump(fields, sort_keys=False)
             entry["serve_config"] = str(atomic_write_text(cfg.out / f"serve-{t.name}.yaml", text))
@@ -270,13 +270,17 @@ def run_recommend(cfg: EvalConfig, *, echo: Callable[[str], None] = print) -> di
 
 
 def final_vectors(
-    cfg: EvalConfig, engine: Engine, task: TaskData, train: list[PerspectiveRecord], served: dict[str, Any]
+    cfg: EvalConfig,
+    engine: Engine,
+    task: TaskData,
+    train: list[PerspectiveRecord],
+    served: dict[str, Any],
+    saes: dict[str, Path],
 ) -> Path:
     """The served candidate's VectorSet rebuilt from ``train`` (every training record of the task), in
-    ``cfg.out``."""
+    ``cfg.out``; ``saes``: the SAE directories by label."""
     label = "caa" if served["method"] == "caa" else served["sae"]
     key = f"{label}-{served['granularity']}"
-    saes = {e.label: e.path for e in sae_catalog(cfg)}
     whole = dataclasses.replace(task, vector_pool=train)
     built = engine.derive_vectors([whole], served["layer"], [key], saes, cfg.work / "final")
     name = f"{task.name}-{key.replace('@', '-')}-L{served['layer']}.safetensors"
