@@ -22,10 +22,11 @@ import os
 import random
 from collections import defaultdict
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
-from pipelines.records import DataError, PerspectiveRecord, record_from_dict
+from pipelines.records import RANK, DataError, PerspectiveRecord, record_from_dict
 
 DATA_ENV = "PLURISTEER_DATA"
 Split = Literal["train", "valid", "test", "all"]
@@ -137,8 +138,11 @@ def load_globalopinionqa(root: Path, split: Split = "all", *, train_size: int = 
             "distribution": item["gold_distribution"],
         }
         records.append(record_from_dict(row, where=where))
-    train_keys = _split_ids([r.id for r in records], train_size, seed)
-    return _pick(records, lambda r: r.id, train_keys, split)
+    # the draw order of the training items is the reference's: its vectors use the first 50 of the 200
+    order = random.Random(seed).sample(sorted({r.id for r in records}), train_size)
+    rank = {key: i for i, key in enumerate(order)}
+    records = [replace(r, meta={**r.meta, RANK: rank[r.id]}) if r.id in rank else r for r in records]
+    return _pick(records, lambda r: r.id, set(order), split)
 
 
 def load_crehate(root: Path, split: Split = "all"):

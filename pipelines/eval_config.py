@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 from common.config import ConfigError, StageConfig, check
-from pipelines.eval_plan import ALL_CONDITIONS, BASELINE, Condition, Switches, make_conditions
+from pipelines.eval_plan import ALL_CONDITIONS, BASELINE, KNOWN_CONDITIONS, Condition, Switches, make_conditions
 from pipelines.tasks import BUNDLED, check_task_settings, task_name
 
 
@@ -76,8 +76,8 @@ class EvalConfig(StageConfig):
         check(bool(self.tasks), "tasks: give at least one task")
         check_task_settings(self.tasks, self.templates, self.test_fraction)
         names = self.task_names
-        bad = sorted(set(self.conditions) - set(ALL_CONDITIONS))
-        check(not bad, f"conditions: unknown {bad}; known: {list(ALL_CONDITIONS)}")
+        bad = sorted(set(self.conditions) - set(KNOWN_CONDITIONS))
+        check(not bad, f"conditions: unknown {bad}; known: {list(KNOWN_CONDITIONS)}")
         check(BASELINE in self.conditions, f"conditions: must include {BASELINE!r} (the paired baseline)")
         check(self.limit >= 0, "limit: must be >= 0 (0: the full test sets)")
         check(self.max_perspectives >= 0, "max_perspectives: must be >= 0 (0: all)")

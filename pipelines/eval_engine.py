@@ -44,7 +44,7 @@ from pipelines.eval_worker import EvalWorker
 from pipelines.metrics import Outcomes, js_distance, summarize
 from pipelines.prompts import build_prompt, encode_prompts, feedback_text
 from pipelines.records import PerspectiveRecord
-from pipelines.vectors import Readouts, VectorConfig, select_samples, vector_sets
+from pipelines.vectors import POOLED, Readouts, VectorConfig, pooled_samples, select_samples, vector_sets
 from sae.atomic import atomic_write_json
 from sae.lm import load_lm, load_tokenizer, resolve_model
 from sae.model import SparseAutoencoder
@@ -144,33 +144,39 @@ class Engine:
         labels = sorted({sae_label(k) for k in keys})
         loaded = {label: SparseAutoencoder.load(saes[label]) for label in labels if label != "caa"}
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        variants = ["perspective"] if not any(k.endswith(POOLED) for k in keys) else (
+            ["perspective", POOLED] if any(not k.endswith(POOLED) for k in keys) else [POOLED])  # fmt: skip
         jobs, plans = {}, {}
         for task in tasks:
-            chosen = select_samples(
-                task.vector_pool, task.prompt, samples=cfg.samples, seed=cfg.seed,
-                perspectives=list(task.perspectives), where=f"the {task.name} training records",
-            )  # fmt: skip
-            prompts = feedback_prompts(task, tokenizer, chosen)
-            ids_w, pos_w = encode_prompts(tokenizer, [w for _, w, _ in prompts])
-            ids_o, pos_o = encode_prompts(tokenizer, [o for _, _, o in prompts])
-            key = hashlib.sha256(json.dumps([self.model_name, layer, ids_w, ids_o]).encode()).hexdigest()[:16]
-            cache = work / "readouts" / f"{task.name}-L{layer}-{key}.npz"
-            plans[task.name] = (prompts, cache, {p: len(v) for p, v in chosen.items()})
-            if not cache.exists():
-                threads = cfg.torch_threads or max(1, (os.cpu_count() or 1) // max(1, len(tasks)))
-                remote = ray.remote(_readouts_task).options(
-                    num_cpus=cfg.actor_cpus, num_gpus=cfg.actor_gpus if self.device == "cuda" else 0
-                )
-                pairs = list(zip(ids_w, ids_o, strict=True))
-                positions = list(zip(pos_w, pos_o, strict=True))
-                jobs[task.name] = remote.remote(cfg.model, layer, cfg.dtype, self.device, threads, pairs, positions,
-                                                pad_id)  # fmt: skip
+            for variant in variants:
+                if variant == POOLED:  # the reference's rule: one vector from the first items, all perspectives
+                    chosen = {POOLED: pooled_samples(task.vector_pool, samples=cfg.samples, seed=cfg.seed)}
+                else:
+                    chosen = select_samples(
+                        task.vector_pool, task.prompt, samples=cfg.samples, seed=cfg.seed,
+                        perspectives=list(task.perspectives), where=f"the {task.name} training records",
+                    )  # fmt: skip
+                prompts = feedback_prompts(task, tokenizer, chosen)
+                ids_w, pos_w = encode_prompts(tokenizer, [w for _, w, _ in prompts])
+                ids_o, pos_o = encode_prompts(tokenizer, [o for _, _, o in prompts])
+                key = hashlib.sha256(json.dumps([self.model_name, layer, ids_w, ids_o]).encode()).hexdigest()[:16]
+                cache = work / "readouts" / f"{task.name}-L{layer}-{key}.npz"
+                plans[task.name, variant] = (prompts, cache, {p: len(v) for p, v in chosen.items()})
+                if not cache.exists():
+                    threads = cfg.torch_threads or max(1, (os.cpu_count() or 1) // max(1, len(tasks)))
+                    remote = ray.remote(_readouts_task).options(
+                        num_cpus=cfg.actor_cpus, num_gpus=cfg.actor_gpus if self.device == "cuda" else 0
+                    )
+                    pairs = list(zip(ids_w, ids_o, strict=True))
+                    positions = list(zip(pos_w, pos_o, strict=True))
+                    jobs[task.name, variant] = remote.remote(cfg.model, layer, cfg.dtype, self.device, threads, pairs,
+                                                             positions, pad_id)  # fmt: skip
         started = time.perf_counter()
         tokens = 0
-        for name, ref in jobs.items():
+        for plan, ref in jobs.items():
             h_w, h_o, n = ray.get(ref)
             tokens += n
-            cache = plans[name][1]
+            cache = plans[plan][1]
             cache.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache.with_suffix(".tmp.npz")
             np.savez(tmp, h_with=h_w, h_without=h_o)
@@ -178,9 +184,9 @@ class Engine:
         if jobs:
             self.echo(f"vectors: read out {tokens:,} tokens of feedback pairs in {time.perf_counter() - started:.1f} s")
         out = Vectors({}, {}, {"readout_tokens": tokens, "samples": {}})
-        for task in tasks:
-            prompts, cache, counts = plans[task.name]
-            out.info["samples"][task.name] = counts
+        for (name, variant), (prompts, cache, counts) in plans.items():
+            task = next(t for t in tasks if t.name == name)
+            out.info["samples"][name if variant != POOLED else f"{name}/{POOLED}"] = counts
             data = np.load(cache)
             h_w, h_o = torch.from_numpy(data["h_with"]), torch.from_numpy(data["h_without"])
             groups = [p for p, _, _ in prompts]
@@ -188,20 +194,20 @@ class Engine:
                 mode = "caa" if label == "caa" else "sae"
                 sae = loaded.get(label)
                 fine, n = mean_by_group(differences(h_w, h_o, mode=mode, sae=sae), groups)  # type: ignore[arg-type]
+                if variant == POOLED:  # the one pooled vector steers every perspective
+                    fine, n = {p: fine[POOLED] for p in task.perspectives}, {p: n[POOLED] for p in task.perspectives}
                 vc = VectorConfig(
-                    sae=None if sae is None else saes[label], mode=mode, task=task.name,
-                    granularity="fine" if label == "caa" else "both", publish=False, track=False,
+                    sae=None if sae is None else saes[label], mode=mode, task=name,
+                    granularity="fine" if label == "caa" or variant == POOLED else "both", publish=False, track=False,
                 )  # fmt: skip
-                extra = {"evaluate": cfg.run_name, "samples": counts, "context": task.context}
+                extra = {"evaluate": cfg.run_name, "samples": counts, "context": task.context, "sampling": variant}
                 built = vector_sets(vc, Readouts(fine, n, 0, 0, 0), model=self.model_name, layer=layer, sae=sae,
                                     extra=extra)  # fmt: skip
                 for granularity, vs in built.items():
-                    key = f"{label}-{granularity}"
+                    key = f"{label}-{POOLED if variant == POOLED else granularity}"
                     if key in keys:
-                        out.sets[f"{task.name}/{key}"] = vs
-                        out.paths[f"{task.name}/{key}"] = vs.save(
-                            work / "vectors" / f"{task.name}-{key}-L{layer}.safetensors"
-                        )
+                        out.sets[f"{name}/{key}"] = vs
+                        out.paths[f"{name}/{key}"] = vs.save(work / "vectors" / f"{name}-{key}-L{layer}.safetensors")
         return out
 
     # -- units ------------------------------------------------------------------------------------------
@@ -300,7 +306,7 @@ class Engine:
 # -- scoring --------------------------------------------------------------------------------------------
 def outcomes_of(task: TaskData, condition: Condition, outputs: dict[str, dict[str, Any]]):
     """Per-record ``Outcomes`` (+ coverage and the read-out distributions) of one condition on one task."""
-    gold, pred, jsd, coverage, probs = [], [], [], [], []
+    gold, pred, jsd, coverage, probs, top1 = [], [], [], [], [], []
     for r in task.records:
         out = outputs[output_id(task.name, condition, r)]
         g, dist = gold_of(r)
@@ -309,16 +315,15 @@ def outcomes_of(task: TaskData, condition: Condition, outputs: dict[str, dict[st
         pred.append(int(np.argmax(p)))
         coverage.append(out["coverage"])
         probs.append(out["probs"])
+        top1.append(out.get("top1"))
         if dist is not None:
             jsd.append(float(js_distance(np.asarray(dist), p)))
+    has_top1 = task.kind == "classify" and None not in top1  # units from older runs carry no top-1 readout
     outcome = Outcomes(
-        np.asarray(gold), np.asarray(pred), task.n_classes, np.asarray(jsd) if task.kind == "distribution" else None
-    )
+        np.asarray(gold), np.asarray(pred), task.n_classes, np.asarray(jsd) if task.kind == "distribution" else None,
+        np.asarray(top1, dtype=np.int64) if has_top1 else None,
+    )  # fmt: skip
     return outcome, np.asarray(coverage), probs
-
-
-def _subset(o: Any, idx: np.ndarray) -> Any:
-    return Outcomes(o.gold[idx], o.pred[idx], o.n_classes, None if o.jsd is None else o.jsd[idx])
 
 
 def seed_for(cfg: EvalConfig, *parts: str) -> int:
@@ -359,8 +364,8 @@ def score(
                 if idx.size == 0:
                     continue
                 summary = summarize(
-                    _subset(outcome, idx), [strata[i] for i in idx],
-                    baseline=None if name == BASELINE else _subset(base, idx),
+                    outcome.subset(idx), [strata[i] for i in idx],
+                    baseline=None if name == BASELINE else base.subset(idx),
                     n_resamples=cfg.bootstrap, seed=seed_for(cfg, task.name, perspective),
                 )  # fmt: skip
                 rows.append({
@@ -369,9 +374,10 @@ def score(
                     "coeff": None if c.steer is None else c.steer.coeff,
                     **flat(summary),
                 })  # fmt: skip
-            for r, p, g in zip(task.records, probs, outcome.gold.tolist(), strict=True):
+            top1 = [None] * len(probs) if outcome.top1 is None else outcome.top1.tolist()
+            for r, p, g, t in zip(task.records, probs, outcome.gold.tolist(), top1, strict=True):
                 predictions.append({"task": task.name, "condition": name, "id": r.id, "perspective": r.perspective,
-                                    "gold": g, "probs": p})  # fmt: skip
+                                    "gold": g, "probs": p, **({} if t is None else {"top1": t})})  # fmt: skip
         for claim in CLAIMS:
             if (claim.tasks and task.name not in claim.tasks) or claim.a not in results or claim.b not in results:
                 continue

@@ -19,6 +19,9 @@ Conditions (DESIGN §5):
   each PD perspective's 8x fine vector. One PD answer per item, scored against every perspective's label.
 - ``ref-steer-8x-fine`` and ``ref-pd-dvd+steer``: the reference implementation's behaviour (SAE error
   term dropped, no steering of single-token steps, steering from position 50; reference DVD entropy).
+- ``steer-{8x,32x}-pooled`` (not in the default list): the reference's GlobalOpinionQA sampling, one vector
+  from the first ``samples`` training items pooled over perspectives, one sampled answer each
+  (:func:`pipelines.vectors.pooled_samples`), steering every perspective.
 
 Each unit holds a few items with every row and answer they need, so the rows a unit shares (a prompt's
 unsteered forward is the prefix of all its steered variants, and the base row of PD) run once.
@@ -55,6 +58,9 @@ ALL_CONDITIONS: tuple[str, ...] = (
     "ref-steer-8x-fine",
     "ref-pd-dvd+steer",
 )
+# known but not run by default: the reference's pooled sampling (GlobalOpinionQA's fidelity run adds them)
+OPTIONAL_CONDITIONS: tuple[str, ...] = ("steer-8x-pooled", "steer-32x-pooled")
+KNOWN_CONDITIONS: tuple[str, ...] = (*ALL_CONDITIONS, *OPTIONAL_CONDITIONS)
 BASELINE = "zero-shot"
 REFERENCE_FROM_POSITION = 50  # the reference hook steers positions >= 50 only
 
@@ -63,7 +69,7 @@ REFERENCE_FROM_POSITION = 50  # the reference hook steers positions >= 50 only
 class SteerSpec:
     """How a row is steered: which vector set (``{sae}-{granularity}`` or ``caa-fine``), mode, switches."""
 
-    vectors: str  # "8x-fine", "8x-coarse", "32x-fine", "32x-coarse", "caa-fine"
+    vectors: str  # "8x-fine", "8x-coarse", "32x-fine", "32x-coarse", "8x-pooled", "caa-fine"
     mode: str  # sae | residual | caa
     coeff: float
     keep_error: bool = True
@@ -106,9 +112,9 @@ class Switches:
 
 def make_conditions(names: Sequence[str], s: Switches) -> list[Condition]:
     """The :class:`Condition` of each name in ``names`` (see the module docstring)."""
-    unknown = [n for n in names if n not in ALL_CONDITIONS]
+    unknown = [n for n in names if n not in KNOWN_CONDITIONS]
     if unknown:
-        raise DataError(f"unknown condition(s) {unknown}; known: {list(ALL_CONDITIONS)}")
+        raise DataError(f"unknown condition(s) {unknown}; known: {list(KNOWN_CONDITIONS)}")
 
     def spec(vectors: str, mode: str = "sae", ref: bool = False) -> SteerSpec:
         coeff = s.caa_coeff if mode == "caa" and s.caa_coeff is not None else s.coeff
@@ -371,6 +377,8 @@ def gold_of(record: PerspectiveRecord) -> tuple[int, list[float] | None]:
 __all__ = [
     "ALL_CONDITIONS",
     "BASELINE",
+    "KNOWN_CONDITIONS",
+    "OPTIONAL_CONDITIONS",
     "Condition",
     "SteerSpec",
     "Switches",

@@ -22,6 +22,9 @@ LABELS = {
     "recall_1": "R(1)",
     "f1_1": "F1(1)",
     "jsd": "JSD",
+    "top1_macro_f1": "top-1 macro-F1",
+    "top1_micro_f1": "top-1 micro-F1",
+    "top1_fpr": "top-1 FPR",
 }
 
 
@@ -56,6 +59,13 @@ CLAIMS: tuple[Claim, ...] = (
     ),
     Claim(
         "steering lowers the JS distance on GlobalOpinionQA", "steer-8x-fine", "zero-shot", "jsd", ("globalopinionqa",)
+    ),
+    Claim(
+        "steering with the reference's pooled vector lowers the JS distance on GlobalOpinionQA",
+        "steer-8x-pooled",
+        "zero-shot",
+        "jsd",
+        ("globalopinionqa",),
     ),
     Claim(
         "steering + PD (dvd) lowers the JS distance on GlobalOpinionQA",

@@ -26,7 +26,7 @@ from sae.decoding import Decoding, combine
 from sae.hooks import steer
 from sae.lm import load_lm
 from sae.model import SparseAutoencoder
-from sae.readout import label_token_ids, option_probs
+from sae.readout import label_token_ids, option_probs, top1_label
 from sae.resume import forward_capture, pad_left, position_ids, resume_logits, resume_supported, skipping
 from sae.vectorset import VectorSet
 
@@ -122,7 +122,7 @@ class EvalWorker:
 
     @torch.inference_mode()
     def run_unit(self, unit: Unit) -> dict[str, Any]:
-        """Every output of ``unit``: ``{"outputs": {id: {"probs", "coverage"}}, "stats": {...}}``."""
+        """Every output of ``unit``: ``{"outputs": {id: {"probs", "coverage", "top1"}}, "stats": {...}}``."""
         started = time.perf_counter()
         stats = UnitStats(prompts=len(unit.prompts), rows=len(unit.rows))
         ids = [self.tokenizer(t, add_special_tokens=not unit.templated)["input_ids"] for t in unit.prompts]
@@ -194,7 +194,8 @@ class EvalWorker:
             base = logits[output["base"]][None] if output["base"] is not None else None
             scores = combine(stacked, base, d)
         probs, coverage = option_probs(scores, token_ids)
-        return {"probs": [round(float(x), 6) for x in probs[0]], "coverage": round(float(coverage[0]), 6)}
+        return {"probs": [round(float(x), 6) for x in probs[0]], "coverage": round(float(coverage[0]), 6),
+                "top1": top1_label(scores, token_ids)[0]}  # fmt: skip
 
 
 __all__ = ["EvalWorker", "UnitStats", "WorkerSpec"]

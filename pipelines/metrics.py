@@ -3,6 +3,10 @@
 Classification (CREHate, MisLC): macro- and micro-F1 (sklearn's semantics: the macro average runs over the
 classes present in the gold labels or the predictions; ``zero_division=0``), precision / recall / F1 of the
 positive class (index 1: hate, misinformation) and its false-positive rate, ``FP / (FP + TN)`` one-vs-rest.
+The reference code's readout for classification is reported beside it (``top1_*``): the single most likely
+next token mapped to the label it spells (its first token, as :func:`sae.readout.label_token_ids` gives them);
+a top-1 token that spells no label is a wrong answer of no class (it counts against the gold class's recall
+and against micro-F1, and the macro average runs over the task's labels only).
 Distributions (GlobalOpinionQA, crowd truthfulness): the Jensen–Shannon *distance* between the gold and
 the predicted option distributions with the natural log (``scipy.spatial.distance.jensenshannon``'s
 default), plus macro-/micro-F1 of the majority label (the argmax of each).
@@ -19,9 +23,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-CLASSIFY_METRICS: tuple[str, ...] = ("macro_f1", "micro_f1", "fpr", "precision_1", "recall_1", "f1_1")
+from sae.readout import NO_LABEL
+
+TOP1_METRICS: tuple[str, ...] = ("top1_macro_f1", "top1_micro_f1", "top1_fpr")
+CLASSIFY_METRICS: tuple[str, ...] = ("macro_f1", "micro_f1", "fpr", "precision_1", "recall_1", "f1_1", *TOP1_METRICS)
 DISTRIBUTION_METRICS: tuple[str, ...] = ("jsd", "macro_f1", "micro_f1")
-LOWER_IS_BETTER: frozenset[str] = frozenset({"jsd", "fpr"})
+LOWER_IS_BETTER: frozenset[str] = frozenset({"jsd", "fpr", "top1_fpr"})
 
 
 def metric_names(kind: str) -> tuple[str, ...]:
@@ -72,15 +79,18 @@ def _div(a: np.ndarray, b: np.ndarray, empty: float = 0.0) -> np.ndarray:
         return np.where(b > 0, a / np.where(b > 0, b, 1), empty)
 
 
-def from_confusion(conf: np.ndarray, positive: int = 1) -> dict[str, np.ndarray]:
+def from_confusion(conf: np.ndarray, positive: int = 1, n_labels: int | None = None) -> dict[str, np.ndarray]:
     """Macro/micro-F1 and the positive class's precision, recall, F1 and false-positive rate from confusion
-    matrices ``[.., n, n]`` (gold rows, predicted columns). An undefined FPR (no negatives) is NaN."""
+    matrices ``[.., n, n]`` (gold rows, predicted columns). An undefined FPR (no negatives) is NaN.
+    ``n_labels``: the macro average runs over the first ``n_labels`` classes only (the rest are "no label")."""
     conf = np.asarray(conf, dtype=np.float64)
     tp = np.diagonal(conf, axis1=-2, axis2=-1)
     gold_n = conf.sum(-1)
     pred_n = conf.sum(-2)
     f1 = _div(2 * tp, gold_n + pred_n)
     present = (gold_n + pred_n) > 0
+    if n_labels is not None:
+        present = present & (np.arange(conf.shape[-1]) < n_labels)
     macro = _div((f1 * present).sum(-1), present.sum(-1).astype(np.float64))
     total = conf.sum((-2, -1))
     out = {"macro_f1": macro, "micro_f1": _div(tp.sum(-1), total)}
@@ -105,6 +115,7 @@ class Outcomes:
     pred: np.ndarray  # [n] predicted label / option (argmax of the read-out distribution)
     n_classes: int
     jsd: np.ndarray | None = None  # [n] per-record JS distance (distribution tasks)
+    top1: np.ndarray | None = None  # [n] the label the top-1 token spells, NO_LABEL for none (classification)
 
     @property
     def kind(self) -> str:
@@ -115,7 +126,27 @@ class Outcomes:
         out = from_confusion(confusion(self.gold, self.pred, self.n_classes, idx), positive)
         if self.jsd is not None:
             out["jsd"] = self.jsd.mean() if idx is None else self.jsd[idx].mean(-1)
+        if self.kind == "classify":
+            out |= self._top1(idx, positive)
         return {k: np.asarray(out[k], dtype=np.float64) for k in metric_names(self.kind)}
+
+    def _top1(self, idx: np.ndarray | None, positive: int) -> dict[str, np.ndarray]:
+        """The ``top1_*`` metrics; NaN where the outputs carry no top-1 readout (units from older runs)."""
+        if self.top1 is None:
+            nan = np.full(() if idx is None else idx.shape[0], np.nan)
+            return {m: nan for m in TOP1_METRICS}
+        n = self.n_classes
+        pred = np.where(self.top1 == NO_LABEL, n, self.top1)  # "no label" is an extra column
+        conf = confusion(self.gold, pred, n + 1, idx)
+        out = from_confusion(conf, positive, n_labels=n)
+        return {"top1_macro_f1": out["macro_f1"], "top1_micro_f1": out["micro_f1"], "top1_fpr": out["fpr"]}
+
+    def subset(self, idx: np.ndarray) -> Outcomes:
+        """These outcomes on the records ``idx``."""
+        return Outcomes(
+            self.gold[idx], self.pred[idx], self.n_classes,
+            None if self.jsd is None else self.jsd[idx], None if self.top1 is None else self.top1[idx],
+        )  # fmt: skip
 
 
 def resample_indices(strata: Sequence[str], n_resamples: int, seed: int) -> np.ndarray:
@@ -179,6 +210,8 @@ __all__ = [
     "CLASSIFY_METRICS",
     "DISTRIBUTION_METRICS",
     "LOWER_IS_BETTER",
+    "NO_LABEL",
+    "TOP1_METRICS",
     "Estimate",
     "Outcomes",
     "confusion",

@@ -29,6 +29,9 @@ KINDS: tuple[str, ...] = ("classify", "distribution")
 SPLITS: tuple[str, ...] = ("train", "valid", "test")
 
 
+RANK = "rank"  # meta key: a training record's place in its data set's seeded draw (GlobalOpinionQA's 200)
+
+
 class DataError(ValueError):
     """A data file or row is malformed; the message names the file, line and field."""
 

@@ -29,7 +29,7 @@ from common.config import StageConfig, check
 from common.raycluster import init_ray
 from common.registry import RegistryClient
 from pipelines.prompts import FeedbackSource, Prompt, PromptSpec, build_prompt, encode_prompts, feedback_text
-from pipelines.records import DataError, PerspectiveRecord
+from pipelines.records import RANK, DataError, PerspectiveRecord
 from pipelines.tasks import Task, check_task_settings, get_task, task_name
 from pipelines.tracking import Tracker
 from sae import storage
@@ -149,6 +149,31 @@ def select_samples(
         if feedback == "auto":  # stable sort: records with a rationale first, each group still shuffled
             pool_.sort(key=lambda r: feedback_text(spec, r, "auto")[1] != "rationale")  # type: ignore[index]
         out[p] = pool_[:samples]
+    return out
+
+
+POOLED = "pooled"  # the reference's sampling: one vector from the first items, pooled over perspectives
+
+
+def pooled_samples(records: Sequence[PerspectiveRecord], *, samples: int, seed: int) -> list[PerspectiveRecord]:
+    """The reference code's GlobalOpinionQA rule for one vector pooled over perspectives: the first
+    ``samples`` training records in the data set's seeded draw order (``meta["rank"]``: the order in which the
+    200 training items were drawn; records without one follow in a seeded shuffle), each answered with one
+    option sampled from its own perspective's distribution (seeded per record; a labelled record keeps its
+    label). The prompts keep each record's own persona ("You are from the country of {c}")."""
+    ranked = sorted(records, key=lambda r: r.id)
+    random.Random(f"{seed}:{POOLED}").shuffle(ranked)
+    ranked.sort(key=lambda r: r.meta.get(RANK, len(ranked)))  # stable: unranked records keep the shuffle
+    out = []
+    for r in ranked[:samples]:
+        if r.distribution is not None:
+            rng = random.Random(f"{seed}:{POOLED}:{r.id}")
+            pick = rng.choices(range(len(r.options)), weights=r.distribution)[0]
+            r = PerspectiveRecord(r.id, r.kind, r.text, r.options, r.perspective, label=pick, feedback=r.feedback,
+                                  meta=r.meta)  # fmt: skip
+        out.append(r)
+    if not out:
+        raise DataError("no training records to build a pooled vector from")
     return out
 
 
@@ -396,6 +421,7 @@ def run_vectors(cfg: VectorConfig, *, console: Any = None) -> VectorRun:
 
 
 __all__ = [
+    "POOLED",
     "FeedbackPair",
     "Readouts",
     "VectorConfig",
@@ -404,6 +430,7 @@ __all__ = [
     "derive_fine",
     "derive_parallel",
     "feedback_pairs",
+    "pooled_samples",
     "resolve_layer",
     "run_vectors",
     "select_samples",

@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+NO_LABEL = -1  # what :func:`top1_label` gives for a top-1 token that spells none of the labels
+
 
 class ReadoutError(ValueError):
     """Labels that cannot be read out apart (two share their first token)."""
@@ -59,4 +61,11 @@ def option_probs(logits: torch.Tensor, token_ids: Sequence[Sequence[int]]) -> tu
     return mass / coverage.clamp_min(1e-30)[:, None], coverage
 
 
-__all__ = ["ReadoutError", "label_token_ids", "option_probs"]
+def top1_label(logits: torch.Tensor, token_ids: Sequence[Sequence[int]]) -> list[int]:
+    """The reference code's readout: per row of ``logits [B, vocab]``, the index of the label whose spellings
+    include the single most likely next token, or :data:`NO_LABEL` when that token spells no label."""
+    owner = {t: i for i, ids in enumerate(token_ids) for t in ids}
+    return [owner.get(int(t), NO_LABEL) for t in logits.argmax(-1).tolist()]
+
+
+__all__ = ["NO_LABEL", "ReadoutError", "label_token_ids", "option_probs", "top1_label"]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy.spatial.distance import jensenshannon
 
-from pipelines.metrics import Outcomes, confusion, from_confusion, js_distance, resample_indices, summarize
+from pipelines.metrics import NO_LABEL, Outcomes, confusion, from_confusion, js_distance, resample_indices, summarize
 
 
 def test_classification_metrics_match_a_hand_computed_example() -> None:
@@ -24,6 +24,23 @@ def test_classification_metrics_match_a_hand_computed_example() -> None:
     assert m["f1_1"] == pytest.approx(2 / 3)
     # one-vs-rest for class 1: negatives are the 5 records whose gold is not 1; one of them is predicted 1
     assert m["fpr"] == pytest.approx(1 / 5)
+
+
+def test_top1_metrics_count_a_non_label_answer_as_wrong_and_average_over_the_labels() -> None:
+    """gold 1 1 0 0 0, top-1 1 - 1 0 - (- spells no label): class 0 tp 1, fn 2, fp 0 -> F1 2/4; class 1 tp 1,
+    fn 1, fp 1 -> F1 2/4; the no-label column is not averaged; micro 2/5; FPR(1) 1 of 3 negatives."""
+    gold = np.array([1, 1, 0, 0, 0])
+    o = Outcomes(gold, gold.copy(), 2, top1=np.array([1, NO_LABEL, 1, 0, NO_LABEL]))
+    v = {k: float(x) for k, x in o.values().items()}
+    assert v["top1_macro_f1"] == pytest.approx(0.5)
+    assert v["top1_micro_f1"] == pytest.approx(2 / 5)
+    assert v["top1_fpr"] == pytest.approx(1 / 3)
+    assert v["macro_f1"] == 1.0  # the label-mass readout (pred) is scored separately
+    boot = o.values(resample_indices(["a"] * 5, 50, 0))
+    assert boot["top1_micro_f1"].shape == (50,)
+    assert set(np.round(boot["top1_micro_f1"] * 5).tolist()) <= {0, 1, 2, 3, 4, 5}  # k of 5 right each time
+    assert math.isnan(float(Outcomes(gold, gold, 2).values()["top1_macro_f1"]))  # no top-1 readout recorded
+    assert float(o.subset(np.array([0, 3])).values()["top1_micro_f1"]) == 1.0
 
 
 def test_macro_f1_averages_only_the_classes_that_occur() -> None:

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import pytest
 import torch
 
 from common.config import ConfigError
+from pipelines.datasets import load_globalopinionqa
 from pipelines.prompts import build_prompt
 from pipelines.tasks import BUNDLED, PROMPTS
-from pipelines.vectors import VectorConfig, config_pairs, derive_fine, feedback_pairs, select_samples, vector_sets
+from pipelines.vectors import (
+    VectorConfig,
+    config_pairs,
+    derive_fine,
+    feedback_pairs,
+    pooled_samples,
+    select_samples,
+    vector_sets,
+)
 from sae.decoding import Decoding, last_logits, plural_next_token
 from sae.lm import model_name
 from sae.readout import label_token_ids, option_probs
@@ -128,3 +138,26 @@ def test_config_validation_names_the_field(tmp_path: Path) -> None:
         VectorConfig.load(None, ["mode=caa", "granularity=medium"])
     cfg = VectorConfig.load(None, ["mode=caa", "task=crehate", "perspectives=Singapore,Australia", "topk=16"])
     assert cfg.perspectives == ["Singapore", "Australia"] and cfg.set_name("fine") == "crehate-caa-fine"
+
+
+def test_pooled_sampling_follows_the_reference_rule_for_globalopinionqa(data_root: Path) -> None:
+    """The reference's GlobalOpinionQA vector: the first 50 of the 200 training items in the order the seeded
+    draw (random.Random(42).sample over the sorted item ids) picked them, pooled over countries, each with one
+    answer sampled from its own country's distribution."""
+    every = load_globalopinionqa(data_root)
+    order = random.Random(42).sample(sorted(r.id for r in every), 200)
+    train = load_globalopinionqa(data_root, "train")
+    assert {r.id for r in train} == set(order)
+    shuffled = list(reversed(train))  # the input order must not matter
+    picked = pooled_samples(shuffled, samples=50, seed=42)
+    assert [r.id for r in picked] == order[:50]
+    assert len({r.perspective for r in picked}) > 5  # pooled over countries, not one country's items
+    by_id = {r.id: r for r in train}
+    for r in picked:
+        dist = by_id[r.id].distribution
+        assert r.label is not None and r.distribution is None and dist[r.label] > 0  # one sampled answer
+    assert [r.label for r in pooled_samples(train, samples=50, seed=42)] == [r.label for r in picked]  # seeded
+    labels = [r.label for r in pooled_samples(train, samples=50, seed=7)]
+    assert labels != [r.label for r in picked]  # sampled, not the mode: another seed answers differently
+    modes = [by_id[r.id].options.index(by_id[r.id].answer) for r in picked]
+    assert [r.label for r in picked] != modes

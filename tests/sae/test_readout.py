@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sae.lm import load_tokenizer
-from sae.readout import ReadoutError, label_token_ids, option_probs
+from sae.readout import NO_LABEL, ReadoutError, label_token_ids, option_probs, top1_label
 
 
 @pytest.fixture(scope="module")
@@ -24,3 +24,17 @@ def test_label_readout_sums_spellings_and_rejects_ambiguous_labels(tok) -> None:
     assert coverage.item() > 0.99
     with pytest.raises(ReadoutError, match="start with the same token"):
         label_token_ids(tok, ("mostly-true", "mostly-false"))
+
+
+def test_top1_readout_maps_the_argmax_token_to_the_label_it_spells(tok) -> None:
+    """The reference's readout: the single most likely token, through the labels' spellings; a top-1 token
+    that spells no label (here " the", the likeliest by far) is NO_LABEL even where the label mass says Yes."""
+    ids = label_token_ids(tok, ("No", "Yes"))
+    logits = torch.full((3, len(tok)), -30.0)
+    logits[0, ids[1][1]] = 4.0  # the second spelling of Yes
+    logits[1, ids[0][0]] = 4.0
+    the = tok.encode(" the", add_special_tokens=False)[0]
+    logits[2, the] = 9.0
+    logits[2, ids[1][0]] = 4.0
+    assert top1_label(logits, ids) == [1, 0, NO_LABEL]
+    assert option_probs(logits, ids)[0][2].argmax().item() == 1
