@@ -89,18 +89,19 @@ def _check_split(split: str, allowed: tuple[str, ...]) -> None:
         raise DataError(f"split must be one of {allowed}, got {split!r}")
 
 
-def _split_ids(keys: list[str], train: int | float, seed: int, strata: dict[str, str] | None = None) -> set[str]:
-    """Seeded choice of training keys: ``train`` items (int) or a fraction, stratified when given."""
+def _split_ids(keys: list[str], train: int | float, seed: int, strata: dict[str, str] | None = None) -> list[str]:
+    """Seeded choice of training keys: ``train`` items (int) or a fraction, stratified when given; in the order
+    they were drawn."""
     groups: dict[str, list[str]] = defaultdict(list)
     for key in sorted(set(keys)):
         groups[strata[key] if strata else ""].append(key)
     rng = random.Random(seed)
-    chosen: set[str] = set()
+    chosen: list[str] = []
     total = sum(len(g) for g in groups.values())
     for name in sorted(groups):
         group = groups[name]
         share = train if isinstance(train, float) else train / total
-        chosen.update(rng.sample(group, round(share * len(group))))
+        chosen.extend(rng.sample(group, round(share * len(group))))
     return chosen
 
 
@@ -139,7 +140,7 @@ def load_globalopinionqa(root: Path, split: Split = "all", *, train_size: int = 
         }
         records.append(record_from_dict(row, where=where))
     # the draw order of the training items is the reference's: its vectors use the first 50 of the 200
-    order = random.Random(seed).sample(sorted({r.id for r in records}), train_size)
+    order = _split_ids([r.id for r in records], train_size, seed)
     rank = {key: i for i, key in enumerate(order)}
     records = [replace(r, meta={**r.meta, RANK: rank[r.id]}) if r.id in rank else r for r in records]
     return _pick(records, lambda r: r.id, set(order), split)
@@ -198,7 +199,7 @@ def load_mislc(root: Path, split: Split = "all", *, train_fraction: float = 0.3,
         }
         records.append(record_from_dict(record, where=where))
     strata = {r.id: str(r.label) for r in records}
-    train_keys = _split_ids(list(strata), train_fraction, seed, strata)
+    train_keys = set(_split_ids(list(strata), train_fraction, seed, strata))
     return _pick(records, lambda r: r.id, train_keys, split)
 
 
@@ -254,7 +255,7 @@ def load_crowd_truthfulness(
             )
         )
     statements = sorted({r.meta["statement_id"] for r in records})
-    train_keys = _split_ids(statements, train_fraction, seed)
+    train_keys = set(_split_ids(statements, train_fraction, seed))
     return _pick(records, lambda r: r.meta["statement_id"], train_keys, split)
 
 

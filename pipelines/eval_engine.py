@@ -144,8 +144,8 @@ class Engine:
         labels = sorted({sae_label(k) for k in keys})
         loaded = {label: SparseAutoencoder.load(saes[label]) for label in labels if label != "caa"}
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        variants = ["perspective"] if not any(k.endswith(POOLED) for k in keys) else (
-            ["perspective", POOLED] if any(not k.endswith(POOLED) for k in keys) else [POOLED])  # fmt: skip
+        pooled = [k.endswith(POOLED) for k in keys]  # per-perspective readouts unless only pooled sets are asked for
+        variants = [POOLED] if pooled and all(pooled) else ["perspective", POOLED] if any(pooled) else ["perspective"]
         jobs, plans = {}, {}
         for task in tasks:
             for variant in variants:
@@ -161,7 +161,7 @@ class Engine:
                 ids_o, pos_o = encode_prompts(tokenizer, [o for _, _, o in prompts])
                 key = hashlib.sha256(json.dumps([self.model_name, layer, ids_w, ids_o]).encode()).hexdigest()[:16]
                 cache = work / "readouts" / f"{task.name}-L{layer}-{key}.npz"
-                plans[task.name, variant] = (prompts, cache, {p: len(v) for p, v in chosen.items()})
+                plans[task.name, variant] = (task, prompts, cache, {p: len(v) for p, v in chosen.items()})
                 if not cache.exists():
                     threads = cfg.torch_threads or max(1, (os.cpu_count() or 1) // max(1, len(tasks)))
                     remote = ray.remote(_readouts_task).options(
@@ -176,7 +176,7 @@ class Engine:
         for plan, ref in jobs.items():
             h_w, h_o, n = ray.get(ref)
             tokens += n
-            cache = plans[plan][1]
+            cache = plans[plan][2]
             cache.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache.with_suffix(".tmp.npz")
             np.savez(tmp, h_with=h_w, h_without=h_o)
@@ -184,8 +184,7 @@ class Engine:
         if jobs:
             self.echo(f"vectors: read out {tokens:,} tokens of feedback pairs in {time.perf_counter() - started:.1f} s")
         out = Vectors({}, {}, {"readout_tokens": tokens, "samples": {}})
-        for (name, variant), (prompts, cache, counts) in plans.items():
-            task = next(t for t in tasks if t.name == name)
+        for (name, variant), (task, prompts, cache, counts) in plans.items():
             out.info["samples"][name if variant != POOLED else f"{name}/{POOLED}"] = counts
             data = np.load(cache)
             h_w, h_o = torch.from_numpy(data["h_with"]), torch.from_numpy(data["h_without"])

@@ -17,7 +17,7 @@ import random
 import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -169,8 +169,7 @@ def pooled_samples(records: Sequence[PerspectiveRecord], *, samples: int, seed: 
         if r.distribution is not None:
             rng = random.Random(f"{seed}:{POOLED}:{r.id}")
             pick = rng.choices(range(len(r.options)), weights=r.distribution)[0]
-            r = PerspectiveRecord(r.id, r.kind, r.text, r.options, r.perspective, label=pick, feedback=r.feedback,
-                                  meta=r.meta)  # fmt: skip
+            r = replace(r, label=pick, distribution=None)
         out.append(r)
     if not out:
         raise DataError("no training records to build a pooled vector from")
