@@ -126,12 +126,13 @@ def test_the_task_registry_gives_the_rows_of_before_it(smoke) -> None:
     rows = json.loads(json.dumps(rows, sort_keys=True))
     assert [sorted(r) for r in rows] == [sorted(g) for g in golden]
     # more conditions make more rows per item, so units hold other items and prompts share padded batches with
-    # other prompts: fp32 results move in the 6th-7th digit (also across machines), nothing more
+    # other prompts: fp32 results move in the 6th-7th digit (also across machines), and the bootstrap bounds
+    # of a paired difference of two ~0.01 JSDs move by ~1e-6 absolute (measured 1.2e-6 on the CI machine)
     for r, g in zip(rows, golden, strict=True):
         where = (r["task"], r["condition"], r["perspective"])
         for key, want in g.items():
             if isinstance(want, float):
-                assert r[key] == pytest.approx(want, rel=1e-4, abs=1e-6, nan_ok=True), (*where, key)
+                assert r[key] == pytest.approx(want, rel=1e-4, abs=1e-5, nan_ok=True), (*where, key)
             else:
                 assert r[key] == want, (*where, key)
 

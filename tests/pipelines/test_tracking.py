@@ -3,6 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import wandb
 
 from pipelines.tracking import Tracker, wandb_mode
 
@@ -27,6 +28,9 @@ def test_offline_run_records_config_metrics_and_artifacts(tmp_path: Path, monkey
         tracker.summary({"final_loss": 0.5})
         tracker.log_artifact(artifact, name="vectors", type="vector-set")
         run_dir = tracker.run_dir
+    # finish() returns once the exit record is acknowledged; the transaction log's last block reaches the file when
+    # the service closes the stream, which raced this read on a slow machine (a 7-byte header): teardown waits for it
+    wandb.teardown()
     assert run_dir is not None and run_dir.parent == tmp_path / "wandb"
     (log,) = run_dir.glob("run-*.wandb")
     blob = log.read_bytes()

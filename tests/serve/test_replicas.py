@@ -247,7 +247,7 @@ def test_load_on_one_perspective_scales_it_up_and_down_while_an_idle_one_stays_a
     served (a cold start); a /metrics scrape meanwhile does not wake it. Zero failed requests; the replica
     counts over time are printed."""
     busy, idle = f"PerspectiveModel-{BUSY.lower()}", f"PerspectiveModel-{IDLE.lower()}"
-    _wait("the idle perspective to scale to zero", lambda: replicas(idle) == 0, 30)
+    _wait("the idle perspective to scale to zero", lambda: replicas(idle) == 0, 90)
     timeline: list[tuple[float, int, int]] = []
     stop_sampling = threading.Event()
     t0 = time.monotonic()
@@ -288,12 +288,12 @@ def test_load_on_one_perspective_scales_it_up_and_down_while_an_idle_one_stays_a
             c.start()
         # a Prometheus scrape while IDLE is at zero: refreshes the running replicas' gauges, does not wake IDLE
         assert _metric(app, "pluristeer_replica_rss_bytes", deployment=busy) > 0
-        up = _wait("the busy perspective to scale up", lambda: replicas(busy) >= 2, 45)
+        up = _wait("the busy perspective to scale up", lambda: replicas(busy) >= 2, 150)
     finally:
         load_on.clear()
         for c in clients:
             c.join(timeout=120)
-    down = _wait("the busy perspective to scale back down", lambda: replicas(busy) == 1, 45)
+    down = _wait("the busy perspective to scale back down", lambda: replicas(busy) == 1, 150)
     stop_sampling.set()
     sampler.join()
     started = time.perf_counter()
