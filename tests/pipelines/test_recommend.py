@@ -19,7 +19,9 @@ from pipelines.eval_plan import BASELINE, Condition, SteerSpec, TaskData, output
 from pipelines.prompts import generic_spec
 from pipelines.recommend import Candidate, rank, serve_settings, winner_of
 from pipelines.records import PerspectiveRecord
+from pipelines.sweep import gain
 from serve.config import ServeConfig
+from tests.sae_fixture import fixture_sae
 
 PERSPECTIVES = ("bus riders", "cyclists", "drivers")
 
@@ -148,9 +150,10 @@ def _write_jsonl(path: Path, kind: str) -> dict[str, set[str]]:
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory, embedded_sae):
+def pipeline(tmp_path_factory, embedded, embedded_sae, data_root):
     """One Ray instance: ``pluristeer demo --data``'s stages after training (vectors -> recommend -> evaluate on
-    the test split) on a classify JSONL, and recommend alone on a distribution JSONL."""
+    the test split) on a classify JSONL, recommend alone on a distribution JSONL, and the sweep over the SAE at
+    layer 15, a second fixture SAE at layer 9 (``sweep_saes``) and CAA at layer 9."""
     import ray
 
     from pipelines.demo import DemoSettings, user_pipeline
@@ -173,7 +176,9 @@ def pipeline(tmp_path_factory, embedded_sae):
                                      "bootstrap=200", "samples=8", "sweep_coeffs=[4]", "sweep_limit=0", "track=false",
                                      f"out={root / 'rec'}", f"work_dir={root / 'work'}"])  # fmt: skip
         report = run_recommend(cfg, echo=lines.append)
-        sweep = run_sweep(dataclasses.replace(cfg, sweep_layers=[9], out=root / "sweep"), echo=lines.append)
+        early = fixture_sae(*embedded, data_root / "corpus", layer=9, n_tokens=4096, steps=150)
+        sweep_cfg = dataclasses.replace(cfg, sweep_saes=[early.path], sweep_layers=[9], out=root / "sweep")
+        sweep = run_sweep(sweep_cfg, echo=lines.append)
         demo = json.loads((root / "demo" / "recommend" / "recommend.json").read_text())
         yield root, ids, paths, {"commute": demo["tasks"]["commute"], **report["tasks"]}, lines, sweep
     finally:
@@ -251,10 +256,16 @@ def test_the_sweep_moves_sae_and_caa_over_layers_and_picks_per_task(pipeline) ->
     assert sweep["layers"] == [9, 15]
     rows = [json.loads(line) for line in (root / "sweep" / "sweep.jsonl").read_text().splitlines()]
     seen = {(r["layer"], r["mode"], r["sae"], r["coeff"]) for r in rows if r["condition"] != "zero-shot"}
-    assert seen == {(9, "caa", None, 4.0), (15, "sae", "8x", 4.0)}  # CAA only at sweep_layers, the SAE at its own
+    # CAA only at sweep_layers, each SAE at its own layer (the sweep_saes entry labelled by expansion and layer)
+    assert seen == {(9, "caa", None, 4.0), (9, "sae", "8x@L9", 4.0), (15, "sae", "8x", 4.0)}
+    assert sweep["saes"]["8x@L9"]["layer"] == 9 and sweep["saes"]["8x"]["layer"] == 15
+    steered = [r for r in rows if r["task"] == "commute-dist" and r["condition"] != "zero-shot"]
+    top = max((r for r in steered if r["mode"] == "sae"), key=gain)  # the layer is picked by the held-out gain
     best = sweep["best"]["commute-dist"]
-    assert best == {"mode": "sae", "sae": "8x", "layer": 15, "coeff": 4.0, "gain": best["gain"]}
+    assert best == {"mode": "sae", "sae": top["sae"], "layer": top["layer"], "coeff": 4.0, "gain": gain(top)}
+    assert sweep["best"]["commute-dist/caa"]["layer"] == 9
+    at_15 = next(r for r in steered if r["sae"] == "8x")
     recommended = next(r for r in entries["commute-dist"]["ranking"] if r["candidate"] == "steer-8x-fine c=4 @L15")
-    assert best["gain"] == pytest.approx(recommended["gain"], abs=1e-4)  # one engine, the same held-out records
+    assert gain(at_15) == pytest.approx(recommended["gain"], abs=1e-4)  # one engine, the same held-out records
     assert sweep["task_coeffs"] == {"commute-dist": 4.0}
     assert "| commute-dist |" in (root / "sweep" / "sweep.md").read_text()
