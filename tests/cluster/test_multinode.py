@@ -17,12 +17,23 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+import ray
+import ray.data
 import torch
+from ray import serve
+from ray.cluster_utils import Cluster
 
+from common.config import ConfigError
+from common.registry import RegistryClient
 from pipelines.collect import CollectConfig, collect
 from pipelines.store import ActivationStore
 from pipelines.train import TrainConfig, TrainResult, run_train
+from sae.decoding import Decoding, plural_generate
+from sae.lm import load_lm, model_name
 from sae.model import SparseAutoencoder
+from sae.vectorset import VectorSet, VectorSetMeta, sae_file_hash, sae_fingerprint
+from serve.app import build
+from serve.config import ServeConfig
 
 KEY = "multinode-test-key"
 LAYER = 2
@@ -44,9 +55,6 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def cluster(s3_server):
-    import ray
-    from ray.cluster_utils import Cluster
-
     patch = pytest.MonkeyPatch()
     patch.setenv("PLURISTEER_API_KEYS", KEY)  # before the nodes start: serve replicas inherit it
     for key, value in s3_server.env.items():  # and the S3 endpoint and credentials, as pods get them from a Secret
@@ -69,8 +77,6 @@ def cluster(s3_server):
     try:
         yield Nodes(c.address, c.head_node.node_id, a.node_id, b.node_id)
     finally:
-        from ray import serve
-
         serve.shutdown()
         ray.shutdown()
         c.shutdown()
@@ -94,11 +100,19 @@ def bucket(s3_server) -> str:
 @pytest.fixture(scope="module")
 def stores(cluster: Nodes, bucket: str, tiny_lm_dir: Path, data_root: Path, tmp_path_factory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("multinode-stores")
-    spread = collect(
-        _collect_cfg(tiny_lm_dir, data_root, f"{bucket}/stores/spread", cluster.address, num_actors=2,
-                     actor_resources={"slot": 1}),  # one slot per worker node: one actor on each
-        echo=lambda _: None,
-    )  # fmt: skip
+    # Ray Data starts a pool's actors asynchronously: on a slow machine the first actor finished every shard
+    # before the second had loaded its model (CI, stop 22). Waiting for the whole pool makes "both nodes
+    # wrote shards" a property of the placement, not of the machine's speed.
+    data_context = ray.data.DataContext.get_current()
+    wait_before, data_context.wait_for_min_actors_s = data_context.wait_for_min_actors_s, 120
+    try:
+        spread = collect(
+            _collect_cfg(tiny_lm_dir, data_root, f"{bucket}/stores/spread", cluster.address, num_actors=2,
+                         actor_resources={"slot": 1}),  # one slot per worker node: one actor on each
+            echo=lambda _: None,
+        )  # fmt: skip
+    finally:
+        data_context.wait_for_min_actors_s = wait_before
     single = collect(
         _collect_cfg(tiny_lm_dir, data_root, root / "single", cluster.address, num_actors=1,
                      actor_resources={"node_a": 1}),
@@ -165,15 +179,6 @@ def test_two_training_workers_on_two_nodes_train_the_single_node_sae(cluster: No
 def test_serve_replicas_on_two_nodes_answer_like_offline_decoding(
     cluster: Nodes, bucket: str, trained, tiny_lm_dir: Path
 ) -> None:
-    from ray import serve
-
-    from common.registry import RegistryClient
-    from sae.decoding import Decoding, plural_generate
-    from sae.lm import load_lm, model_name
-    from sae.vectorset import VectorSet, VectorSetMeta, sae_file_hash, sae_fingerprint
-    from serve.app import build
-    from serve.config import ServeConfig
-
     (sae_dir,) = trained["spread"].sae_dirs.values()
     sae = SparseAutoencoder.load(sae_dir)
     model, tok = load_lm(str(tiny_lm_dir))
@@ -231,8 +236,6 @@ def test_serve_replicas_on_two_nodes_answer_like_offline_decoding(
 
 
 def test_worker_resources_and_placement_are_checked(tmp_path: Path) -> None:
-    from common.config import ConfigError
-
     with pytest.raises(ConfigError, match="cpus_per_worker / use_gpu"):
         _train_cfg(tmp_path, tmp_path, "auto", worker_resources={"CPU": 2})
     with pytest.raises(ConfigError, match="amounts >= 0"):
