@@ -154,7 +154,6 @@ def registry_actor(root: str | Path | None = None, *, address: str | None = None
     """The registry actor's handle: the running one, or a new detached one with ``root`` (default
     :func:`default_root`). Raises :class:`RegistryError` if it runs with a different ``root``."""
 
-
     init_ray(address)
     wanted = str(storage.absolute(root)) if root is not None else None
     actor_cls = ray.remote(VectorRegistry)

@@ -266,9 +266,7 @@ def _truncate(
     return write_shard(root, info.index, acts, extra, dtype, metadata=meta, compression=compression)
 
 
-def _merge(
-    root: storage.Location, shards: list[ShardInfo], layers: list[int]
-) -> tuple[dict[str, Any], dict[str, int]]:
+def _merge(root: storage.Location, shards: list[ShardInfo], layers: list[int]) -> tuple[dict[str, Any], dict[str, int]]:
     """Per-layer statistics and drop counts over ``shards``, from their footers."""
     stats: dict[str, RunningStats] = {}
     dropped = {"bos": 0, "outlier": 0}

@@ -12,6 +12,7 @@ from typing import ClassVar, Literal
 from common.config import ConfigError, StageConfig, check
 from pipelines.eval_plan import ALL_CONDITIONS, BASELINE, KNOWN_CONDITIONS, Condition, Switches, make_conditions
 from pipelines.tasks import BUNDLED, check_task_settings, task_name
+from sae import storage
 
 
 @dataclass
@@ -61,7 +62,7 @@ class EvalConfig(StageConfig):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: str = "float32"
     ray_address: str | None = None
-    out: Path = Path("results/run")
+    out: Path = Path("results/run")  # a directory or a URI (s3://bucket/prefix): rows, tables, plots, run.json
     work_dir: Path | None = None  # vectors, readouts and finished units; default runs/evaluate/<out name>
     name: str | None = None  # run name (W&B); default: out's name
     track: bool = True  # W&B run (offline unless WANDB_API_KEY)
@@ -74,6 +75,9 @@ class EvalConfig(StageConfig):
 
     def validate(self) -> None:
         check(bool(self.tasks), "tasks: give at least one task")
+        check(self.work_dir is None or not storage.is_uri(self.work_dir),
+              f"work_dir: {storage.display(self.work_dir or '')} must be a local directory (the resumable units and "
+              "vectors live there); only out= may be a URI")  # fmt: skip
         check_task_settings(self.tasks, self.templates, self.test_fraction)
         names = self.task_names
         bad = sorted(set(self.conditions) - set(KNOWN_CONDITIONS))
@@ -134,11 +138,11 @@ class EvalConfig(StageConfig):
 
     @property
     def work(self) -> Path:
-        return self.work_dir or Path("runs/evaluate") / self.out.name
+        return self.work_dir or Path("runs/evaluate") / storage.name(self.out)
 
     @property
     def run_name(self) -> str:
-        return self.name or self.out.name
+        return self.name or storage.name(self.out)
 
 
 __all__ = ["EvalConfig"]

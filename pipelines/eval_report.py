@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from pipelines.metrics import LOWER_IS_BETTER, metric_names
+from sae import storage
 
 PRIMARY = {"classify": "macro_f1", "distribution": "jsd"}
 LABELS = {
@@ -166,7 +166,18 @@ def _pyplot():
     return plt
 
 
-def plot_conditions(task: str, kind: str, rows: Sequence[dict[str, Any]], conditions: Sequence[str], path: Path):
+def _save(plt, fig, path: storage.Location) -> storage.Location:
+    """Write ``fig`` as a PNG at ``path`` (a local path or a URI) whole, then close it."""
+    fig.tight_layout()
+    try:
+        return storage.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    finally:
+        plt.close(fig)
+
+
+def plot_conditions(
+    task: str, kind: str, rows: Sequence[dict[str, Any]], conditions: Sequence[str], path: storage.Location
+) -> storage.Location:
     """Bars of the primary metric (and FPR for classification) per condition with 95% intervals."""
     plt = _pyplot()
     pooled = {r["condition"]: r for r in rows if r["task"] == task and r["perspective"] == "all"}
@@ -187,15 +198,12 @@ def plot_conditions(task: str, kind: str, rows: Sequence[dict[str, Any]], condit
         ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
         direction = "lower is better" if m in LOWER_IS_BETTER else "higher is better"
         ax.set_title(f"{task}: {LABELS[m]} ({direction}), 95% bootstrap CI", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_perspectives(
-    task: str, kind: str, rows: Sequence[dict[str, Any]], conditions: Sequence[str], path: Path
-) -> Path:
+    task: str, kind: str, rows: Sequence[dict[str, Any]], conditions: Sequence[str], path: storage.Location
+) -> storage.Location:
     """The primary metric per perspective (e.g. per-country JSD) for a few conditions, with 95% intervals."""
     plt = _pyplot()
     m = PRIMARY[kind]
@@ -219,10 +227,7 @@ def plot_perspectives(
     direction = "lower is better" if m in LOWER_IS_BETTER else "higher is better"
     ax.set_title(f"{task}: {LABELS[m]} per perspective ({direction}), 95% bootstrap CI", fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 __all__ = ["CLAIMS", "PRIMARY", "Claim", "findings", "perspective_table", "plot_conditions", "plot_perspectives",

@@ -40,7 +40,6 @@ from pipelines.records import DataError, PerspectiveRecord
 from pipelines.tasks import Task, get_task
 from pipelines.tracking import Tracker
 from sae import storage
-from sae.atomic import atomic_write_json, atomic_write_text
 from sae.lm import resolve_model
 from sae.model import WEIGHTS_FILE, SparseAutoencoder
 
@@ -178,7 +177,6 @@ def run_evaluate(cfg: EvalConfig, *, echo: Callable[[str], None] = print) -> Eva
     if cfg.dry_run:
         return EvalResult(cfg.out, [], [], {"planned_tokens": planned, "sizes": sizes, "units": len(units)})
     keys = vector_keys([c for cs in conditions.values() for c in cs])
-    cfg.out.mkdir(parents=True, exist_ok=True)
     with Tracker(
         "evaluate", cfg.to_dict(), cfg.work, name=cfg.run_name, mode=None if cfg.track else "disabled"
     ) as tracker:
@@ -202,25 +200,26 @@ def run_evaluate(cfg: EvalConfig, *, echo: Callable[[str], None] = print) -> Eva
         if tracker.run is not None:
             columns = sorted({k for r in rows for k in r})
             tracker.run.log({"rows": wandb.Table(columns=columns, data=[[r.get(k) for k in columns] for r in rows])})
-            tracker.run.log({p.stem: wandb.Image(str(p)) for p in files if p.suffix == ".png"})
+            images = [Path(p) for p in files if not storage.is_uri(p) and str(p).endswith(".png")]  # local only
+            tracker.run.log({p.stem: wandb.Image(str(p)) for p in images})
             for label, path in used.items():
                 _log_sae_artifact(tracker, path if storage.is_uri(path) else Path(path), f"sae-{label}-L{layer}")
             for key, path in result.vectors.paths.items():
                 tracker.log_artifact(path, name=key.replace("/", "-"), type="vectors")
             tracker.log_artifact(cfg.out, name=f"results-{cfg.run_name}", type="results")
-    echo(f"evaluate: wrote {cfg.out} in {wall / 60:.1f} min")
+    echo(f"evaluate: wrote {storage.display(cfg.out)} in {wall / 60:.1f} min")
     return EvalResult(cfg.out, rows, comparisons, run)
 
 
-def write_outputs(cfg, tasks, conditions, rows, comparisons, predictions, run) -> list[Path]:
-    """rows.jsonl, predictions.jsonl, table.md, plots, config.yaml, run.json in ``cfg.out``."""
-
+def write_outputs(cfg, tasks, conditions, rows, comparisons, predictions, run) -> list[storage.Location]:
+    """rows.jsonl, predictions.jsonl, table.md, plots, config.yaml, run.json in ``cfg.out`` (a directory or a
+    URI), each written whole."""
     out = cfg.out
     files = [
-        atomic_write_text(out / "rows.jsonl", "".join(json.dumps(r) + "\n" for r in rows)),
-        atomic_write_text(out / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in predictions)),
-        atomic_write_text(out / "config.yaml", cfg.to_yaml()),
-        atomic_write_json(out / "run.json", run),
+        storage.write_text(storage.join(out, "rows.jsonl"), "".join(json.dumps(r) + "\n" for r in rows)),
+        storage.write_text(storage.join(out, "predictions.jsonl"), "".join(json.dumps(p) + "\n" for p in predictions)),
+        storage.write_text(storage.join(out, "config.yaml"), cfg.to_yaml()),
+        storage.write_json(storage.join(out, "run.json"), run),
     ]
     names = list(cfg.conditions)
     lines = [
@@ -250,10 +249,10 @@ def write_outputs(cfg, tasks, conditions, rows, comparisons, predictions, run) -
             "Per perspective (primary metric, point estimates):", "",
             perspective_table(t.name, t.kind, rows, names),
         ]  # fmt: skip
-        files.append(plot_conditions(t.name, t.kind, rows, names, out / f"{t.name}-conditions.png"))
+        files.append(plot_conditions(t.name, t.kind, rows, names, storage.join(out, f"{t.name}-conditions.png")))
         shown = [c for c in ("zero-shot", "few-shot", "steer-8x-fine", "pd-dvd", "pd-dvd+steer") if c in names]
-        files.append(plot_perspectives(t.name, t.kind, rows, shown, out / f"{t.name}-perspectives.png"))
-    files.append(atomic_write_text(out / "table.md", "\n".join(lines) + "\n"))
+        files.append(plot_perspectives(t.name, t.kind, rows, shown, storage.join(out, f"{t.name}-perspectives.png")))
+    files.append(storage.write_text(storage.join(out, "table.md"), "\n".join(lines) + "\n"))
     return files
 
 

@@ -52,7 +52,6 @@ from pipelines.metrics import LOWER_IS_BETTER, Estimate, summarize
 from pipelines.records import PerspectiveRecord
 from pipelines.sweep import SAEEntry, holdout_task, sae_catalog
 from sae import storage
-from sae.atomic import atomic_write_json, atomic_write_text
 from sae.decoding import DECODING_MODES
 
 FAMILY_LEVEL = 0.95  # the recommended candidate's Δ interval holds at this level over all candidates
@@ -167,7 +166,7 @@ def serve_settings(
     task: TaskData,
     win: dict[str, Any] | None,
     best_steered: dict[str, Any] | None,
-    vectors: Path,
+    vectors: storage.Location,
     saes: dict[str, Path] | None = None,
 ) -> tuple[dict[str, Any], list[str]]:
     """``(ServeConfig fields, comment lines)`` serving the recommendation with the VectorSet file ``vectors``
@@ -178,7 +177,7 @@ def serve_settings(
     mode = "caa" if shown["method"] == "caa" else "sae"
     key = f"{task.name}-{'caa' if mode == 'caa' else shown['sae']}-{shown['granularity']}".replace("@", "-")
     fields: dict[str, Any] = {
-        "vectors": key, "vectors_file": str(vectors.resolve()), "model": cfg.model,
+        "vectors": key, "vectors_file": str(storage.absolute(vectors)), "model": cfg.model,
         "perspectives": list(task.perspectives), "steer_mode": mode, "coeff": float(shown["coeff"]),
         "keep_error": cfg.keep_error, "steer_decode": cfg.steer_decode, "from_position": cfg.from_position,
         "decoding_mode": (win or {}).get("decoding") or "dvd", "alpha": task.alpha, "tau": cfg.pd_tau,
@@ -239,7 +238,6 @@ def run_recommend(cfg: EvalConfig, *, echo: Callable[[str], None] = print) -> di
         "git": git, "config": cfg.to_dict(), "layers": layers, "saes": {e.label: str(e.path) for e in saes},
         "coeffs": list(cfg.sweep_coeffs), "family_level": FAMILY_LEVEL, "tasks": {},
     }  # fmt: skip
-    cfg.out.mkdir(parents=True, exist_ok=True)
     for t in tasks:
         rows = rank(cfg, t, found[t.name])
         win = winner_of(rows)
@@ -254,7 +252,7 @@ def run_recommend(cfg: EvalConfig, *, echo: Callable[[str], None] = print) -> di
             vectors = final_vectors(cfg, engine, t, train[t.name], served, paths)
             fields, notes = serve_settings(cfg, t, win, best_steered, vectors, paths)
             text = "".join(f"# {line}\n" for line in notes) + yaml.safe_dump(fields, sort_keys=False)
-            entry["serve_config"] = str(atomic_write_text(cfg.out / f"serve-{t.name}.yaml", text))
+            entry["serve_config"] = str(storage.write_text(storage.join(cfg.out, f"serve-{t.name}.yaml"), text))
             entry["vectors_file"] = str(vectors)
         report["tasks"][t.name] = entry
         echo(summary_line(t.name, rows, win))
@@ -263,9 +261,9 @@ def run_recommend(cfg: EvalConfig, *, echo: Callable[[str], None] = print) -> di
                  f"({t.sizes}): the intervals are rough; bring more records")  # fmt: skip
     report["seconds"] = round(time.perf_counter() - started, 1)
     report["engine"] = stats
-    atomic_write_json(cfg.out / "recommend.json", report)
-    atomic_write_text(cfg.out / "recommend.md", markdown(cfg, report))
-    echo(f"recommend: wrote {cfg.out / 'recommend.md'} in {report['seconds'] / 60:.1f} min")
+    storage.write_json(storage.join(cfg.out, "recommend.json"), report)
+    written = storage.write_text(storage.join(cfg.out, "recommend.md"), markdown(cfg, report))
+    echo(f"recommend: wrote {storage.display(written)} in {report['seconds'] / 60:.1f} min")
     return report
 
 
@@ -276,7 +274,7 @@ def final_vectors(
     train: list[PerspectiveRecord],
     served: dict[str, Any],
     saes: dict[str, Path],
-) -> Path:
+) -> storage.Location:
     """The served candidate's VectorSet rebuilt from ``train`` (every training record of the task), in
     ``cfg.out``; ``saes``: the SAE directories by label."""
     label = "caa" if served["method"] == "caa" else served["sae"]
@@ -284,7 +282,7 @@ def final_vectors(
     whole = dataclasses.replace(task, vector_pool=train)
     built = engine.derive_vectors([whole], served["layer"], [key], saes, cfg.work / "final")
     name = f"{task.name}-{key.replace('@', '-')}-L{served['layer']}.safetensors"
-    return built.sets[f"{task.name}/{key}"].save(cfg.out / name)
+    return built.sets[f"{task.name}/{key}"].save(storage.join(cfg.out, name))
 
 
 def summary_line(task: str, rows: list[dict[str, Any]], win: dict[str, Any] | None) -> str:

@@ -32,9 +32,8 @@ from pipelines.evaluate import make_task, resolve_task
 from pipelines.metrics import LOWER_IS_BETTER
 from pipelines.records import item_key
 from pipelines.tasks import Task
-from sae.atomic import atomic_write_json, atomic_write_text
+from sae import storage
 from sae.model import SparseAutoencoder
-from sae.storage import is_uri
 
 
 @dataclass(frozen=True)
@@ -58,7 +57,7 @@ def sae_catalog(cfg: EvalConfig) -> list[SAEEntry]:
             base, n = label, 2
             while label in taken:
                 label, n = f"{base}#{n}", n + 1
-        out.append(SAEEntry(label, path if is_uri(path) else Path(path), int(layer)))
+        out.append(SAEEntry(label, path if storage.is_uri(path) else Path(path), int(layer)))
     return out
 
 
@@ -90,7 +89,7 @@ def sweep_conditions(cfg: EvalConfig, layer: int, saes: list[SAEEntry]) -> list[
 
 
 def run_sweep(cfg: EvalConfig, *, echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the sweep; writes ``sweep.jsonl``, ``sweep.md`` and ``sweep.json`` to ``cfg.out``."""
+    """Run the sweep; writes ``sweep.jsonl``, ``sweep.md`` and ``sweep.json`` to ``cfg.out`` (a directory or a URI)."""
     started = time.perf_counter()
     cfg = replace(cfg, work_dir=cfg.work / "sweep")
     saes = sae_catalog(cfg)
@@ -117,7 +116,10 @@ def run_sweep(cfg: EvalConfig, *, echo: Callable[[str], None] = print) -> dict[s
     by_8x = pick_best([r for r in rows if r["sae"] in (None, "8x")])
     result["task_coeffs"] = {t: b["coeff"] for t, b in by_8x.items() if b["mode"] == "sae"}
     write_sweep(cfg, rows, result, tasks)
-    echo(f"sweep: best {json.dumps(best)}; coefficients for sae_8x {result['task_coeffs']}; wrote {cfg.out}")
+    echo(
+        f"sweep: best {json.dumps(best)}; coefficients for sae_8x {result['task_coeffs']}; "
+        f"wrote {storage.display(cfg.out)}"
+    )
     return result
 
 
@@ -146,9 +148,8 @@ def pick_best(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def write_sweep(cfg: EvalConfig, rows: list[dict[str, Any]], result: dict[str, Any], tasks: list[TaskData]) -> None:
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(cfg.out / "sweep.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    atomic_write_json(cfg.out / "sweep.json", result)
+    storage.write_text(storage.join(cfg.out, "sweep.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+    storage.write_json(storage.join(cfg.out, "sweep.json"), result)
     lines = [
         "# Layer / coefficient sweep (train split, held out)",
         "",
@@ -172,7 +173,7 @@ def write_sweep(cfg: EvalConfig, rows: list[dict[str, Any]], result: dict[str, A
     lines += ["", "Chosen: " + json.dumps(result["best"]), ""]
     sizes = {t.name: t.sizes for t in tasks}
     lines += [f"Scored records per perspective: {json.dumps(sizes)}", ""]
-    atomic_write_text(cfg.out / "sweep.md", "\n".join(lines))
+    storage.write_text(storage.join(cfg.out, "sweep.md"), "\n".join(lines))
 
 
 __all__ = ["SAEEntry", "gain", "holdout_task", "pick_best", "run_sweep", "sae_catalog", "sweep_conditions"]

@@ -73,7 +73,6 @@ print(json.dumps({"latest": client.latest(sys.argv[2]), "perspectives": vs.persp
 """
 
 
-
 def test_durable_copy_on_s3_survives_a_new_registry(s3_bucket: str) -> None:
     from sae import storage
 
@@ -91,6 +90,7 @@ def test_durable_copy_on_s3_survives_a_new_registry(s3_bucket: str) -> None:
     storage.delete(f"{root}/opinions/v1.safetensors")
     with pytest.raises(RegistryError, match=f"opinions@1: its durable file {root}/opinions/v1.safetensors is gone"):
         VectorRegistry(root).get("opinions@1")
+
 
 def test_a_set_published_by_one_driver_is_fetched_by_another_after_it_exits(
     ray_cluster, tmp_path: Path, embedded, embedded_sae, data_root

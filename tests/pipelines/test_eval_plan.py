@@ -100,6 +100,9 @@ def test_config_errors_name_the_field() -> None:
         EvalConfig.load(None, ["tasks=crehate,nope"])
     with pytest.raises(ConfigError, match="conditions: must include 'zero-shot'"):
         EvalConfig.load(None, ["conditions=few-shot"])
+    with pytest.raises(ConfigError, match="work_dir: s3://b/w must be a local directory"):
+        EvalConfig.load(None, ["out=s3://b/results", "work_dir=s3://b/w?access_key=secret"])
+    assert EvalConfig.load(None, ["out=s3://b/results"]).out == "s3://b/results"  # kept whole, not a Path
     cfg = EvalConfig.load(None, ["sae_8x=/x"])
     with pytest.raises(ConfigError, match=r"sae_32x: not set, but conditions \['steer-32x-coarse'"):
         cfg.check_saes(cfg.condition_objects("mislc"))

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import random
 import socket
+import uuid
 from pathlib import Path
 
 import httpx
@@ -20,6 +21,7 @@ from pipelines.prompts import generic_spec
 from pipelines.recommend import Candidate, rank, serve_settings, winner_of
 from pipelines.records import PerspectiveRecord
 from pipelines.sweep import gain
+from sae import storage
 from serve.config import ServeConfig
 from tests.sae_fixture import fixture_sae
 
@@ -150,10 +152,10 @@ def _write_jsonl(path: Path, kind: str) -> dict[str, set[str]]:
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory, embedded, embedded_sae, data_root):
+def pipeline(tmp_path_factory, embedded, embedded_sae, data_root, s3_server):
     """One Ray instance: ``pluristeer demo --data``'s stages after training (vectors -> recommend -> evaluate on
     the test split) on a classify JSONL, recommend alone on a distribution JSONL, and the sweep over the SAE at
-    layer 15, a second fixture SAE at layer 9 (``sweep_saes``) and CAA at layer 9."""
+    layer 15, a second fixture SAE at layer 9 (``sweep_saes``) and CAA at layer 9, writing to the S3 server."""
     import ray
 
     from pipelines.demo import DemoSettings, user_pipeline
@@ -167,6 +169,9 @@ def pipeline(tmp_path_factory, embedded, embedded_sae, data_root):
     settings = DemoSettings(samples=8, recommend_coeffs=(4.0,))
     patch = pytest.MonkeyPatch()
     patch.setenv("PLURISTEER_API_KEYS", "k")  # before ray.init: the serve replicas inherit it
+    for key, value in s3_server.env.items():
+        patch.setenv(key, value)
+    sweep_out = s3_server.create_bucket(f"recommend-sweep-{uuid.uuid4().hex[:8]}") + "/sweep"
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         data = str(root / "commute.jsonl")
@@ -177,10 +182,10 @@ def pipeline(tmp_path_factory, embedded, embedded_sae, data_root):
                                      f"out={root / 'rec'}", f"work_dir={root / 'work'}"])  # fmt: skip
         report = run_recommend(cfg, echo=lines.append)
         early = fixture_sae(*embedded, data_root / "corpus", layer=9, n_tokens=4096, steps=150)
-        sweep_cfg = dataclasses.replace(cfg, sweep_saes=[early.path], sweep_layers=[9], out=root / "sweep")
+        sweep_cfg = dataclasses.replace(cfg, sweep_saes=[early.path], sweep_layers=[9], out=sweep_out)
         sweep = run_sweep(sweep_cfg, echo=lines.append)
         demo = json.loads((root / "demo" / "recommend" / "recommend.json").read_text())
-        yield root, ids, paths, {"commute": demo["tasks"]["commute"], **report["tasks"]}, lines, sweep
+        yield root, ids, paths, {"commute": demo["tasks"]["commute"], **report["tasks"]}, lines, (sweep_out, sweep)
     finally:
         ray.shutdown()
         patch.undo()
@@ -252,9 +257,9 @@ def test_the_recommended_serve_config_answers_distribution(pipeline) -> None:
 
 
 def test_the_sweep_moves_sae_and_caa_over_layers_and_picks_per_task(pipeline) -> None:
-    root, _, _, entries, _, sweep = pipeline
+    _, _, _, entries, _, (sweep_out, sweep) = pipeline
     assert sweep["layers"] == [9, 15]
-    rows = [json.loads(line) for line in (root / "sweep" / "sweep.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in storage.read_text(storage.join(sweep_out, "sweep.jsonl")).splitlines()]
     seen = {(r["layer"], r["mode"], r["sae"], r["coeff"]) for r in rows if r["condition"] != "zero-shot"}
     # CAA only at sweep_layers, each SAE at its own layer (the sweep_saes entry labelled by expansion and layer)
     assert seen == {(9, "caa", None, 4.0), (9, "sae", "8x@L9", 4.0), (15, "sae", "8x", 4.0)}
@@ -268,4 +273,5 @@ def test_the_sweep_moves_sae_and_caa_over_layers_and_picks_per_task(pipeline) ->
     recommended = next(r for r in entries["commute-dist"]["ranking"] if r["candidate"] == "steer-8x-fine c=4 @L15")
     assert gain(at_15) == pytest.approx(recommended["gain"], abs=1e-4)  # one engine, the same held-out records
     assert sweep["task_coeffs"] == {"commute-dist": 4.0}
-    assert "| commute-dist |" in (root / "sweep" / "sweep.md").read_text()
+    assert "| commute-dist |" in storage.read_text(storage.join(sweep_out, "sweep.md"))
+    assert storage.read_json(storage.join(sweep_out, "sweep.json")) == json.loads(json.dumps(sweep))

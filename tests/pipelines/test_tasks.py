@@ -92,8 +92,10 @@ def test_items_shared_by_perspectives_stay_in_one_split() -> None:
         (lambda rows: rows[:2] + [r for r in rows if r["perspective"] != "north"], r"perspective\(s\) 'north' \(1\)"),
         (lambda rows: [r | {"meta": {"split": "train"}} for r in rows], "the test split is empty"),
         (lambda rows: [*rows[:1], rows[1] | {"label": "maybe"}, *rows[2:]], r"u\.jsonl:2: field 'label'"),
-        (lambda rows: [*rows[:-1], {**rows[-1], "kind": "distribution", "distribution": [0.5, 0.5]}],
-         "field 'kind': 'distribution', but the file's first record is 'classify'"),
+        (
+            lambda rows: [*rows[:-1], {**rows[-1], "kind": "distribution", "distribution": [0.5, 0.5]}],
+            "field 'kind': 'distribution', but the file's first record is 'classify'",
+        ),
     ],
 )
 def test_bad_user_data_gets_an_error_naming_file_and_field(tmp_path: Path, mutate, message: str) -> None:
