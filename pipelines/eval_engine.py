@@ -35,10 +35,21 @@ import numpy as np
 import ray
 import ray.data
 import torch
+from transformers import AutoConfig
 
 from common.raycluster import init_ray
 from pipelines.eval_config import EvalConfig
-from pipelines.eval_plan import BASELINE, Condition, TaskData, Unit, gold_of, output_id, plan_hash, plan_units
+from pipelines.eval_plan import (
+    BASELINE,
+    Condition,
+    TaskData,
+    Unit,
+    gold_of,
+    output_id,
+    plan_hash,
+    plan_units,
+    unit_tokens,
+)
 from pipelines.eval_report import CLAIMS, PRIMARY, verdict
 from pipelines.eval_worker import EvalWorker
 from pipelines.metrics import Outcomes, js_distance, summarize
@@ -114,6 +125,7 @@ class Engine:
         self.tokenizer = load_tokenizer(cfg.model)
         self.model_name = resolve_model(cfg.model).name
         self._device: str | None = None
+        self._n_layers: int | None = None
 
     @property
     def device(self) -> str:
@@ -132,6 +144,14 @@ class Engine:
                                 k_shots=cfg.k_shots, seed=cfg.seed, start=len(units), top_k=cfg.pd_top_k,
                                 tau=cfg.pd_tau)  # fmt: skip
         return units
+
+    def planned_tokens(self, units: Sequence[Unit], layer: int) -> dict[str, int]:
+        """What ``units`` cost at ``layer``: ``full`` prompt tokens, ``resumed`` steered tokens (run from the
+        layer on) and their sum in ``equivalent`` full-forward tokens."""
+        if self._n_layers is None:
+            self._n_layers = int(AutoConfig.from_pretrained(resolve_model(self.cfg.model).path).num_hidden_layers)
+        counts = [unit_tokens(u, self.tokenizer, layer, self._n_layers) for u in units]
+        return {k: sum(c[k] for c in counts) for k in ("full", "resumed", "equivalent")}
 
     # -- vectors ----------------------------------------------------------------------------------------
     def derive_vectors(

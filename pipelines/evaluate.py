@@ -30,17 +30,15 @@ from typing import Any
 
 import ray
 import wandb
-from transformers import AutoConfig
 
 from pipelines.eval_config import EvalConfig
 from pipelines.eval_engine import Engine, score
-from pipelines.eval_plan import TaskData, choose_perspectives, subsample, unit_tokens, vector_keys
+from pipelines.eval_plan import TaskData, choose_perspectives, subsample, vector_keys
 from pipelines.eval_report import findings, perspective_table, plot_conditions, plot_perspectives, task_table
 from pipelines.records import DataError, PerspectiveRecord
 from pipelines.tasks import Task, get_task
 from pipelines.tracking import Tracker
 from sae import storage
-from sae.lm import resolve_model
 from sae.model import WEIGHTS_FILE, SparseAutoencoder
 
 
@@ -164,10 +162,8 @@ def run_evaluate(cfg: EvalConfig, *, echo: Callable[[str], None] = print) -> Eva
     resolved = [resolve_task(cfg, name) for name in cfg.tasks]
     tasks = [load_task(cfg, task) for task in resolved]
     engine = Engine(cfg, echo=echo)
-    n_layers = int(AutoConfig.from_pretrained(resolve_model(cfg.model).path).num_hidden_layers)
     units = engine.plan(tasks, conditions)
-    counts = [unit_tokens(u, engine.tokenizer, layer, n_layers) for u in units]
-    planned = {k: sum(c[k] for c in counts) for k in ("full", "resumed", "equivalent")}
+    planned = engine.planned_tokens(units, layer)
     sizes = {t.name: {"evaluated": t.sizes, "available": t.available, "pd_set": t.pd_set} for t in tasks}
     splits = {t.name: {"source": t.source, **t.split_rule} for t in resolved}
     for t in tasks:

@@ -50,7 +50,7 @@ from pipelines.eval_report import LABELS, PRIMARY, fmt
 from pipelines.evaluate import git_commit, resolve_task
 from pipelines.metrics import LOWER_IS_BETTER, Estimate, summarize
 from pipelines.records import PerspectiveRecord
-from pipelines.sweep import SAEEntry, holdout_task, sae_catalog
+from pipelines.sweep import SAEEntry, dry_run, holdout_task, sae_catalog
 from sae import storage
 from sae.decoding import DECODING_MODES
 
@@ -225,6 +225,10 @@ def run_recommend(cfg: EvalConfig, *, echo: Callable[[str], None] = print) -> di
         echo(f"recommend: {t.name}: {len(t.records)} held-out training records {t.sizes}; "
              f"vectors from {len(t.vector_pool)} others")  # fmt: skip
     engine = Engine(cfg, echo=echo)
+    if cfg.dry_run:
+        plan = dry_run(engine, tasks, layers, lambda layer: [
+            c.condition for c in candidates(cfg, layer, saes, unsteered=layer == layers[0])], "recommend")  # fmt: skip
+        return {"layers": layers, "planned_tokens": plan}
     paths = {e.label: e.path for e in saes}
     found: dict[str, list[tuple[Candidate, dict[str, Any]]]] = {t.name: [] for t in tasks}
     stats: dict[str, Any] = {}

@@ -88,6 +88,26 @@ def sweep_conditions(cfg: EvalConfig, layer: int, saes: list[SAEEntry]) -> list[
     return out
 
 
+def dry_run(
+    engine: Engine, tasks: list[TaskData], layers: list[int], conditions: Callable[[int], list[Condition]], stage: str
+) -> dict[int, dict[str, int]]:
+    """What a sweep or recommend run over ``layers`` would compute (``conditions(layer)`` for every task), per
+    layer, echoed; nothing runs."""
+    planned = {}
+    for layer in layers:
+        conds = conditions(layer)
+        units = engine.plan(tasks, {t.name: conds for t in tasks})
+        planned[layer] = engine.planned_tokens(units, layer)
+        p = planned[layer]
+        engine.echo(
+            f"{stage}: layer {layer}: {len(conds)} conditions, {len(units)} units, {p['full']:,} prompt "
+            f"tokens + {p['resumed']:,} steered tokens resumed (≈{p['equivalent']:,} full-forward tokens)"
+        )
+    total = sum(p["equivalent"] for p in planned.values())
+    engine.echo(f"{stage}: dry run: ≈{total:,} full-forward tokens over layers {layers}; nothing was run")
+    return planned
+
+
 def run_sweep(cfg: EvalConfig, *, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the sweep; writes ``sweep.jsonl``, ``sweep.md`` and ``sweep.json`` to ``cfg.out`` (a directory or a URI)."""
     started = time.perf_counter()
@@ -98,6 +118,9 @@ def run_sweep(cfg: EvalConfig, *, echo: Callable[[str], None] = print) -> dict[s
         raise ConfigError("the sweep needs an SAE (sae_8x, sae_32x or sweep_saes) or sweep_layers (CAA layers)")
     tasks = [holdout_task(cfg, name, cfg.sweep_limit) for name in cfg.tasks]
     engine = Engine(cfg, echo=echo)
+    if cfg.dry_run:
+        return {"layers": layers, "planned_tokens": dry_run(engine, tasks, layers, lambda layer: sweep_conditions(
+            cfg, layer, saes), "sweep")}  # fmt: skip
     rows: list[dict[str, Any]] = []
     for layer in layers:
         conds = sweep_conditions(cfg, layer, saes)

@@ -181,14 +181,19 @@ def evaluate(
 
 
 @app.command()
-def recommend(config: ConfigOpt = None, set_: SetOpt = None, address: AddressOpt = None) -> None:
+def recommend(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    address: AddressOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="plan and count tokens, run nothing")] = False,
+) -> None:
     """Rank zero-/few-shot, CAA, SAE steering (layers x coefficients x fine/coarse) and PD on held-out
     training records; write recommend.md/.json and a serve config for the winner (the test split is not read)."""
     from pipelines.evaluate import EvalConfig
     from pipelines.recommend import run_recommend
 
     try:
-        run_recommend(EvalConfig.load(config, _overrides(set_, address)))
+        run_recommend(EvalConfig.load(config, _overrides(set_, address) + (["dry_run=true"] if dry_run else [])))
     except _user_errors() as err:
         _fail(str(err))
     except KeyboardInterrupt:

@@ -20,6 +20,7 @@ import torch
 from pipelines.eval_plan import ALL_CONDITIONS, KNOWN_CONDITIONS, SteerSpec, UnitBuilder
 from pipelines.evaluate import EvalConfig, run_evaluate
 from pipelines.prompts import build_prompt
+from pipelines.recommend import run_recommend
 from pipelines.tasks import BUNDLED, PROMPTS
 from sae.decoding import Decoding, plural_next_token
 from sae.lm import model_name
@@ -245,3 +246,15 @@ def test_cli_reports_config_errors_and_plans_a_dry_run(embedded_sae, tmp_path) -
     )  # fmt: skip
     assert plan.returncode == 0, plan.stderr
     assert "mislc: " in plan.stdout and "full-forward tokens" in plan.stdout and not (tmp_path / "r").exists()
+    # the sweep and recommend plan every layer and run nothing either (the sweep once ran whole on --dry-run)
+    common = [f"sae_8x={embedded_sae.path}", "tasks=[mislc]", "sweep_layers=[9]", "sweep_coeffs=[1.0]",
+              "sweep_limit=2", f"out={tmp_path / 's'}", f"work_dir={tmp_path / 'w'}"]  # fmt: skip
+    sweep = subprocess.run(
+        [exe, "evaluate", "--sweep", "--dry-run", *[a for c in common for a in ("--set", c)]],
+        capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    assert sweep.returncode == 0, sweep.stderr
+    assert "sweep: layer 9: " in sweep.stdout and "sweep: layer 15: " in sweep.stdout, sweep.stdout
+    planned = run_recommend(EvalConfig.load(None, [*common, "dry_run=true"]), echo=lambda _: None)
+    assert set(planned["planned_tokens"]) == {9, 15} and planned["planned_tokens"][15]["resumed"] > 0
+    assert not (tmp_path / "s").exists() and not (tmp_path / "w").exists()
