@@ -90,8 +90,10 @@ def _readouts_task(model: str, layer: int, dtype: str, device: str, threads: int
 
 
 def set_digest(vs: Any) -> str:
-    """A hash of a vector set's vectors and metadata, its creation time left out (reruns rebuild the sets)."""
+    """A hash of a vector set's vectors and metadata, its creation time and the run's name left out (reruns
+    rebuild the sets; a rerun writing its results elsewhere, or under another name, reuses the units)."""
     meta = {k: v for k, v in dataclasses.asdict(vs.meta).items() if k != "created"}
+    meta["extra"] = {k: v for k, v in meta["extra"].items() if k != "evaluate"}
     h = hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode())
     for p, v in vs.vectors.items():
         h.update(p.encode())
@@ -234,9 +236,10 @@ class Engine:
         """``(spec, digest)``: what every actor gets, and the hash of what decides the units' results."""
         cfg = self.cfg
         labels = sorted({sae_label(k.split("/", 1)[1]) for k in vectors.sets} - {"caa"})
+        device = self.device  # starts Ray: with every readout cached, nothing before this has
         alive = sum(1 for n in ray.nodes() if n.get("Alive"))
         spec = {
-            "model": cfg.model, "layer": layer, "dtype": cfg.dtype, "device": self.device,
+            "model": cfg.model, "layer": layer, "dtype": cfg.dtype, "device": device,
             "saes": {label: str(saes[label]) for label in labels},
             "vectors": {k: vs.to_bytes() for k, vs in vectors.sets.items()}, "batch_size": cfg.batch_size,
             "max_batch_tokens": cfg.max_batch_tokens, "threads": cfg.torch_threads,

@@ -4,7 +4,6 @@ and the 32x slot)."""
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -22,6 +21,7 @@ from pipelines.evaluate import EvalConfig, run_evaluate
 from pipelines.prompts import build_prompt
 from pipelines.recommend import run_recommend
 from pipelines.tasks import BUNDLED, PROMPTS
+from sae import storage
 from sae.decoding import Decoding, plural_next_token
 from sae.lm import model_name
 from sae.model import WEIGHTS_FILE
@@ -153,31 +153,6 @@ def test_the_task_registry_gives_the_rows_of_before_it(smoke) -> None:
                 assert r[key] == want, (*where, key)
 
 
-def test_outputs_go_to_an_object_store_uri_whole(smoke, s3_bucket) -> None:
-    """``out: s3://…``: the resumed run writes every output to the (real, local) S3 server, each object
-    whole: the same rows and predictions as on local disk, plots, a run.json with the same plan."""
-    import ray
-
-    from sae import storage
-
-    cfg, _, _, _ = smoke
-    uri = f"{s3_bucket}/results"
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        result = run_evaluate(dataclasses.replace(cfg, out=uri, track=False), echo=lambda _: None)
-    finally:
-        ray.shutdown()
-    assert result.out == uri
-    names = set(storage.listdir(uri))
-    assert names == {p.name for p in cfg.out.iterdir()}
-    for name in ("rows.jsonl", "predictions.jsonl"):
-        assert storage.read_bytes(storage.join(uri, name)) == (cfg.out / name).read_bytes(), name
-    assert all(storage.read_bytes(storage.join(uri, f"{t}-conditions.png"))[:4] == b"\x89PNG" for t in TASKS)
-    run, local = storage.read_json(storage.join(uri, "run.json")), json.loads((cfg.out / "run.json").read_text())
-    assert run["plan_hash"] == local["plan_hash"] and run["git"] == local["git"]
-    assert EvalConfig.load(None, [f"out={uri}"]).work == Path("runs/evaluate/results")  # the URI's last part
-
-
 def test_top1_metrics_are_those_of_the_recorded_top1_labels(smoke) -> None:
     """Classification rows carry the reference's top-1 readout beside the label mass; its micro-F1 is the
     share of records whose top-1 token spells the gold label (recomputed from predictions.jsonl)."""
@@ -230,6 +205,29 @@ def test_a_rerun_reuses_every_finished_unit(smoke) -> None:
     _, first, again, lines = smoke
     assert any("0 to run" in line for line in lines)
     assert again.rows == first.rows
+
+
+def test_a_rerun_in_a_new_process_reuses_every_unit_and_writes_to_s3_whole(smoke, s3_bucket) -> None:
+    """The resume users run: the same config in a fresh process (no Ray yet: it once crashed asking Ray for
+    its nodes before anything had started it), every readout and unit reused, with ``out: s3://…``: every
+    output on the (real, local) S3 server, each object whole — the same rows and predictions as on local
+    disk, plots, a run.json with the same plan."""
+    cfg, _, _, _ = smoke
+    uri = f"{s3_bucket}/results"  # the same last part: the same run name
+    exe = shutil.which("pluristeer") or str(Path(sys.executable).parent / "pluristeer")
+    rerun = subprocess.run(
+        [exe, "evaluate", "--config", str(cfg.out / "config.yaml"), "--set", f"out={uri}", "--set", "track=false"],
+        capture_output=True, text=True, env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+    )  # fmt: skip
+    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-3000:]
+    assert "already done, 0 to run" in rerun.stdout
+    assert set(storage.listdir(uri)) == {p.name for p in cfg.out.iterdir()}
+    for name in ("rows.jsonl", "predictions.jsonl"):
+        assert storage.read_bytes(storage.join(uri, name)) == (cfg.out / name).read_bytes(), name
+    assert all(storage.read_bytes(storage.join(uri, f"{t}-conditions.png"))[:4] == b"\x89PNG" for t in TASKS)
+    run, local = storage.read_json(storage.join(uri, "run.json")), json.loads((cfg.out / "run.json").read_text())
+    assert run["plan_hash"] == local["plan_hash"] and run["git"] == local["git"]
+    assert EvalConfig.load(None, [f"out={uri}"]).work == Path("runs/evaluate/results")  # the URI's last part
 
 
 def test_cli_reports_config_errors_and_plans_a_dry_run(embedded_sae, tmp_path) -> None:
