@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+from sae.model import WEIGHTS_FILE
 from sae.storage import sha256
 
 COLUMNS = ("explained_variance", "mse", "l0", "dead_fraction", "ce_loss_recovered")
@@ -29,7 +30,7 @@ def row(path: Path) -> str:
         str(spec["k"]),
         f"{info['tokens']:,}",
         *(f"{ev[c]:.4g}" for c in COLUMNS),
-        f"`{sha256(path / 'sae_weights.safetensors')[:16]}`",
+        f"`{sha256(path / WEIGHTS_FILE)[:16]}`",
     ]
     return "| " + " | ".join(cells) + " |"
 
