@@ -72,6 +72,9 @@ DIVERGED = "diverged"  # the key of the workers' last report when training stopp
 # An SAE is flagged when its CE loss recovered is this far below its explained variance (a healthy SAE's
 # CE loss recovered is at or above its EV: 0.985 at EV 0.82 on the embedded model).
 CE_GAP_FLAG = 0.25
+# ... and when its explained variance over the non-dominant dimensions (sae.evaluate) is this far below the
+# headline one (Gemma 3 270M at layer 9: one dimension holds 60% of the variance, EV 0.87 but 0.65 elsewhere).
+EV_REST_FLAG = 0.1
 
 
 @dataclass
@@ -607,12 +610,19 @@ def flag_metrics(evaluation: dict[str, Any]) -> list[str]:
     (the SAE reconstructs the variance but not what the model reads: typically a few huge-norm
     dimensions dominate the variance, see README "Your own model")."""
     ev, ce = evaluation.get("explained_variance"), evaluation.get("ce_loss_recovered")
+    rest, dims = evaluation.get("explained_variance_rest"), evaluation.get("dominant_dims") or []
     out = []
     numbers = isinstance(ev, float) and isinstance(ce, float) and math.isfinite(ev) and math.isfinite(ce)
     if numbers and ev - ce > CE_GAP_FLAG:
         out.append(
             f"CE loss recovered {ce:.3f} is far below explained variance {ev:.3f}: the SAE reconstructs the "
             "residuals' variance but not what the model reads from them; its steering will mostly add noise"
+        )
+    if isinstance(ev, float) and isinstance(rest, float) and math.isfinite(rest) and ev - rest > EV_REST_FLAG:
+        share = evaluation.get("dominant_share", float("nan"))
+        out.append(
+            f"explained variance {ev:.3f} is mostly that of dimension(s) {dims[:8]} ({share:.0%} of the variance); "
+            f"over the other dimensions, which steering moves, it is {rest:.3f}"
         )
     return out
 

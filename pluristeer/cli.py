@@ -113,7 +113,14 @@ def train(config: ConfigOpt = None, set_: SetOpt = None, address: AddressOpt = N
         m = {**result.metrics[name]["train"], **result.metrics[name]["eval"]}
         shown = ", ".join(
             f"{key} {m[key]:.4g}"
-            for key in ("explained_variance", "mse", "l0", "dead_fraction", "ce_loss_recovered")
+            for key in (
+                "explained_variance",
+                "explained_variance_rest",
+                "mse",
+                "l0",
+                "dead_fraction",
+                "ce_loss_recovered",
+            )
             if key in m
         )
         typer.echo(f"{name}: {path} ({shown})")

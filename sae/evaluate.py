@@ -1,7 +1,11 @@
 """SAE evaluation: reconstruction metrics on activations, and CE loss recovered with the SAE spliced in.
 
 - :func:`reconstruction_metrics` — MSE, explained variance (``1 - SSE / SST`` around the data mean), L0,
-  and the fraction of latents that never fire, over batches of raw activations.
+  and the fraction of latents that never fire, over batches of raw activations. Also the explained variance
+  over the *other* dimensions when a few hold much of the variance (``dominant_dims``: each with ≥
+  ``DOMINANT_FACTOR`` × the mean variance per dimension, as in models whose residual stream has a huge-norm
+  dimension): there the headline
+  EV is mostly that dimension's and says little about the rest, which is what steering moves.
 - :func:`ce_loss_recovered` — next-token loss of the LM clean, with the SAE's reconstruction replacing the
   residual after block ``layer``, and with that residual zeroed: ``(zero - sae) / (zero - clean)``.
   Position 0 (the attention sink, which SAEs are not trained on) is left untouched in both edits.
@@ -19,34 +23,44 @@ from torch import Tensor, nn
 
 from sae.hooks import decoder_layers, resolve_layer
 
+DOMINANT_FACTOR = 20.0
+"""A dimension whose variance is at least this multiple of the mean variance per dimension is dominant."""
+
 
 @torch.no_grad()
 def reconstruction_metrics(sae: Any, batches: Iterable[Tensor], *, device: str | torch.device = "cpu") -> dict:
     """Metrics of ``sae`` (anything with ``encode``/``decode``: ours or sae-lens's) on raw activation
     ``batches`` (``[rows, d_in]`` each)."""
-    n, sse, l0 = 0, 0.0, 0.0
-    s1: Tensor | None = None
-    s2 = 0.0
-    fired: Tensor | None = None
+    n, l0 = 0, 0.0
+    s1 = s2 = sse = fired = None  # per dimension (float64) / per latent
     for batch in batches:
         x = batch.to(device, torch.float32)
         z = sae.encode(x)
         recon = sae.decode(z)
-        sse += float((recon - x).double().pow(2).sum())
-        s1 = x.double().sum(0) if s1 is None else s1 + x.double().sum(0)
-        s2 += float(x.double().pow(2).sum())
+        err, xd = (recon - x).double().pow(2).sum(0), x.double()
+        sse = err if sse is None else sse + err
+        s1 = xd.sum(0) if s1 is None else s1 + xd.sum(0)
+        s2 = xd.pow(2).sum(0) if s2 is None else s2 + xd.pow(2).sum(0)
         active = z != 0
         l0 += float(active.sum())
         fired = active.any(0) if fired is None else fired | active.any(0)
         n += x.shape[0]
-    if n == 0 or s1 is None or fired is None:
+    if n == 0 or s1 is None or s2 is None or sse is None or fired is None:
         raise ValueError("reconstruction_metrics got no activations")
     d = s1.numel()
-    sst = s2 - float(s1.pow(2).sum()) / n
+    sst = s2 - s1.pow(2) / n  # per dimension, around the data mean
+    total = float(sst.sum())
+    dominant = (sst >= DOMINANT_FACTOR * total / d).nonzero().flatten()
+    rest = torch.ones(d, dtype=torch.bool, device=sst.device)
+    rest[dominant] = False
+    rest_sst = float(sst[rest].sum())
     return {
         "tokens": n,
-        "mse": sse / (n * d),
-        "explained_variance": 1.0 - sse / sst,
+        "mse": float(sse.sum()) / (n * d),
+        "explained_variance": 1.0 - float(sse.sum()) / total,
+        "explained_variance_rest": 1.0 - float(sse[rest].sum()) / rest_sst if rest_sst > 0 else float("nan"),
+        "dominant_dims": [int(i) for i in dominant],
+        "dominant_share": float(sst[dominant].sum()) / total,
         "l0": l0 / n,
         "dead_fraction": 1.0 - float(fired.float().mean()),
     }
@@ -151,4 +165,4 @@ def ce_loss_recovered(
     }
 
 
-__all__ = ["ce_loss_recovered", "lm_loss", "reconstruct_fn", "reconstruction_metrics", "splice"]
+__all__ = ["DOMINANT_FACTOR", "ce_loss_recovered", "lm_loss", "reconstruct_fn", "reconstruction_metrics", "splice"]

@@ -297,6 +297,11 @@ def test_ce_loss_recovered_far_below_explained_variance_is_flagged() -> None:
     assert "CE loss recovered -0.004 is far below explained variance 0.660" in warning
     assert flag_metrics({"explained_variance": float("nan"), "ce_loss_recovered": 0.1}) == []
     assert flag_metrics({}) == []
+    huge = {"explained_variance": 0.873, "ce_loss_recovered": 0.955, "explained_variance_rest": 0.65,
+            "dominant_dims": [163], "dominant_share": 0.6}  # fmt: skip
+    (warning,) = flag_metrics(huge)  # Gemma 3 270M's layer 9 (issue 15): the EV is mostly one dimension's
+    assert "dimension(s) [163] (60% of the variance)" in warning and "it is 0.650" in warning
+    assert flag_metrics({**huge, "explained_variance_rest": 0.85}) == []
 
 
 def test_model_with_residuals_beyond_float16_goes_through_collect_train_vectors(

@@ -46,6 +46,26 @@ def test_reconstruction_metrics_bounds() -> None:
     assert some["l0"] <= 3.0 and 0.0 <= some["dead_fraction"] < 1.0
 
 
+def test_a_dominant_dimension_is_left_out_of_the_second_explained_variance() -> None:
+    """One dimension with 400x the variance of the others (a huge-norm residual dimension): an SAE that
+    reconstructs only it has a headline EV near 1 and an EV over the other dimensions of 0."""
+    torch.manual_seed(0)
+    x = torch.randn(600, 64)
+    x[:, 5] *= 20.0
+
+    class _OnlyDim5(_Identity):
+        def decode(self, z: torch.Tensor) -> torch.Tensor:
+            out = torch.zeros_like(z)
+            out[:, 5] = z[:, 5]
+            return out + torch.cat([x.mean(0)[:5], torch.zeros(1), x.mean(0)[6:]])
+
+    m = reconstruction_metrics(_OnlyDim5(), [x[:300], x[300:]])
+    assert m["dominant_dims"] == [5] and m["dominant_share"] > 0.8
+    assert m["explained_variance"] > 0.8 and m["explained_variance_rest"] == pytest.approx(0.0, abs=1e-6)
+    plain = reconstruction_metrics(_Identity(), [torch.randn(200, 64)])  # no dominant dimension: the same EV
+    assert plain["dominant_dims"] == [] and plain["explained_variance_rest"] == plain["explained_variance"]
+
+
 def test_ce_loss_recovered_is_one_for_a_perfect_sae_and_zero_for_ablation(tiny_llama) -> None:
     torch.manual_seed(0)
     ids = torch.randint(3, 256, (4, 12))
