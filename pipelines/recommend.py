@@ -225,15 +225,18 @@ def run_recommend(cfg: EvalConfig, *, echo: Callable[[str], None] = print) -> di
         echo(f"recommend: {t.name}: {len(t.records)} held-out training records {t.sizes}; "
              f"vectors from {len(t.vector_pool)} others")  # fmt: skip
     engine = Engine(cfg, echo=echo)
+
+    def at(layer: int) -> list[Candidate]:  # the unsteered candidates run once, with the first layer
+        return candidates(cfg, layer, saes, unsteered=layer == layers[0])
+
     if cfg.dry_run:
-        plan = dry_run(engine, tasks, layers, lambda layer: [
-            c.condition for c in candidates(cfg, layer, saes, unsteered=layer == layers[0])], "recommend")  # fmt: skip
+        plan = dry_run(engine, tasks, layers, lambda layer: [c.condition for c in at(layer)], "recommend")
         return {"layers": layers, "planned_tokens": plan}
     paths = {e.label: e.path for e in saes}
     found: dict[str, list[tuple[Candidate, dict[str, Any]]]] = {t.name: [] for t in tasks}
     stats: dict[str, Any] = {}
     for i, layer in enumerate(layers):
-        cands = candidates(cfg, layer, saes, unsteered=i == 0)
+        cands = at(layer)
         result = engine.run(tasks, {t.name: [c.condition for c in cands] for t in tasks}, layer, paths, cfg.work)
         stats[f"L{layer}"] = {k: round(v, 1) if isinstance(v, float) else v for k, v in result.stats.items()}
         for t in tasks:
