@@ -148,6 +148,19 @@ def _plain_kv_layers(cache: Any) -> bool:
     return all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", [None]))
 
 
+@torch.no_grad()
+def uncached_layers(model: nn.Module, pad_id: int = 0) -> list[str]:
+    """The kinds of KV-cache layer of ``model`` that sessions cannot keep (empty: every step after the first
+    decodes one token). A model with sliding-window layers (Gemma 3, Mistral) gets its cache as another kind;
+    the engines then replay a session's whole prefix at every step: correct, but O(length²)."""
+    from transformers.cache_utils import DynamicLayer
+
+    device = next(model.parameters()).device
+    out = model(input_ids=torch.tensor([[pad_id, pad_id]], device=device), use_cache=True)
+    kinds = {type(layer).__name__ for layer in getattr(out.past_key_values, "layers", [None])}
+    return sorted(kinds - {DynamicLayer.__name__})
+
+
 class EngineBase:
     """What both step engines (this one and :class:`serve.fused.FusedEngine`) hold: the model, how to get
     the current steering, the session cache, the bounds of one forward, counters, and the row checks."""
@@ -348,4 +361,4 @@ class StepEngine(EngineBase):
             self.cache.put(row.key, entry)
 
 
-__all__ = ["EngineBase", "Row", "RowOut", "SessionCache", "Steering", "StepEngine"]
+__all__ = ["EngineBase", "Row", "RowOut", "SessionCache", "Steering", "StepEngine", "uncached_layers"]

@@ -27,7 +27,7 @@ from sae.model import SparseAutoencoder
 from sae.vectorset import sae_fingerprint
 from serve.batcher import ContinuousBatcher
 from serve.config import BASE, FUSED, PERSPECTIVE, POOL, ServeConfig
-from serve.engine import Row, RowOut, SessionCache, Steering, StepEngine
+from serve.engine import Row, RowOut, SessionCache, Steering, StepEngine, uncached_layers
 from serve.fused import FusedEngine, self_check
 
 log = logging.getLogger("ray.serve")
@@ -143,9 +143,19 @@ class ModelServer:
         )
         if self.source is not None:
             self.engine.step([Row(None, [pad], perspective)])  # checks the set against model and SAE once
+        self.uncached = uncached_layers(self.model, pad)
+        if self.uncached:
+            log.warning(
+                "%s: this model's KV cache has %s layers, which sessions cannot keep: every step replays the "
+                "session's prefix (correct, but slower with every token)", self.name, ", ".join(self.uncached)
+            )  # fmt: skip
         self.shared_trunk = False
         if fused:  # share the blocks below the steering layer between a session's rows, if this model allows it
-            problem = self_check(self.model, self.source.current, pad)  # type: ignore[union-attr]
+            problem = (
+                f"its KV cache has {', '.join(self.uncached)} layers"
+                if self.uncached
+                else self_check(self.model, self.source.current, pad)  # type: ignore[union-attr]
+            )
             if problem is None:
                 self.shared_trunk = True
                 self.engine = FusedEngine(  # type: ignore[assignment]
@@ -222,6 +232,7 @@ class ModelServer:
             "load_seconds": self.load_seconds,
             "threads": torch.get_num_threads(),
             "shared_trunk": self.shared_trunk,
+            "uncached_layers": self.uncached,
             "version": self._version(),
             "batches": self.batcher.batches,
             "batched_items": self.batcher.items,

@@ -60,6 +60,19 @@ def tiny_config(family: str = "llama", **overrides):
             max_position_embeddings=256,
             **common,
         )
+    elif family == "gemma3":  # sliding-window attention in two of three layers, as Gemma 3 has
+        cfg = tf.Gemma3TextConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=16,
+            max_position_embeddings=256,
+            sliding_window=16,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+            **common,
+        )
     elif family == "gpt2":
         cfg = tf.GPT2Config(n_embd=64, n_layer=3, n_head=4, n_positions=256, **common)
     elif family == "gpt_neox":

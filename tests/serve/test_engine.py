@@ -8,7 +8,8 @@ import torch
 from sae.decoding import Decoding, combine, plural_generate
 from sae.lm import model_name
 from sae.vectorset import VectorSet, VectorSetMeta, sae_fingerprint
-from serve.engine import Row, SessionCache, Steering, StepEngine
+from serve.engine import Row, SessionCache, Steering, StepEngine, uncached_layers
+from tests.conftest import tiny_model
 
 
 def _sparse(d: int, seed: int, n: int = 6, value: float = 6.0) -> torch.Tensor:
@@ -93,6 +94,22 @@ def test_concurrent_sessions_of_different_lengths_share_one_forward(embedded, em
     assert engine.counters["forwards"] == forwards + 1 and [o.ran for o in outs] == [1, 1]
     for out, want in zip(outs, alone, strict=True):
         torch.testing.assert_close(torch.from_numpy(out.logits), torch.from_numpy(want), atol=2e-4, rtol=0)
+
+
+def test_a_sliding_window_model_is_named_uncached_and_replays_to_the_right_logits(one_thread) -> None:
+    """Gemma 3's sliding-window cache layers cannot be kept per session: the engine says so and replays each
+    step's whole prefix, with the logits of a plain forward (past the window, too)."""
+    plain, sliding = tiny_model("llama"), tiny_model("gemma3")
+    assert uncached_layers(plain) == [] and uncached_layers(sliding) == ["DynamicSlidingWindowLayer"]
+    engine = StepEngine(sliding, steering=lambda: None)
+    ids = list(range(3, 23))  # longer than the window of 16
+    for step in range(3):
+        seq = ids + list(range(40, 40 + step))
+        (out,) = engine.step([Row("s", seq, None)])
+        assert out.ran == len(seq) and not out.hit  # replayed, never a cache hit
+        want = sliding(input_ids=torch.tensor([seq])).logits[0, -1]
+        torch.testing.assert_close(torch.from_numpy(out.logits), want, atol=1e-4, rtol=1e-4)
+    assert engine.counters["replays"] == 3 and len(engine.cache) == 0
 
 
 def test_session_cache_is_lru_and_expires() -> None:
