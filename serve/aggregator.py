@@ -115,15 +115,6 @@ async def _limits_and_metrics(request: Request, call_next: Any) -> Response:
     return response
 
 
-def _running_deployments() -> set[str] | None:
-    """The deployments of this replica's app with a RUNNING replica (``None`` if Serve cannot say)."""
-    try:
-        app = serve.status().applications[serve.get_replica_context().app_name]
-        return {n for n, d in app.deployments.items() if d.replica_states.get("RUNNING", 0) > 0}
-    except Exception:  # outside a replica, or the controller busy: scrape them all
-        return None
-
-
 bearer = HTTPBearer(auto_error=False, description="an API key from PLURISTEER_API_KEYS")
 
 
@@ -319,11 +310,10 @@ class PluralAggregator:
 
     @api.get("/metrics", dependencies=Auth)
     async def metrics_text(self) -> Response:
-        """Prometheus text format; model replicas' memory is refreshed on each scrape (of the deployments that
-        have a running replica: a scrape does not wake one scaled to zero)."""
-        running = await asyncio.to_thread(_running_deployments)
-        check = None if running is None else running.__contains__
-        for name, st in await self.fanout.stats(running=check):
+        """Prometheus text format; model replicas' memory is refreshed on each scrape, except for deployments
+        that autoscale from ``min_replicas: 0``: a call to one at zero, or racing its scale-down, is queued and
+        wakes it (Serve's status said "running" and the replica was gone by the call), so none is called."""
+        for name, st in await self.fanout.stats(skip=self.cfg.scales_to_zero):
             self.metrics.replica_rss.labels(name, str(st["pid"])).set(st["rss_bytes"])
             self.metrics.replica_sessions.labels(name, str(st["pid"])).set(st["sessions"])
         return Response(self.metrics.render(), media_type=self.metrics.content_type)

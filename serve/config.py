@@ -214,6 +214,11 @@ class ServeConfig(StageConfig):
             options.pop("autoscaling_config", None)
         return options
 
+    def scales_to_zero(self, name: str) -> bool:
+        """Whether deployment ``name`` autoscales with ``min_replicas: 0`` (a call to it may start a replica)."""
+        autoscaling = self.deployment_options(name).get("autoscaling_config")
+        return autoscaling is not None and autoscaling.get("min_replicas", 1) == 0
+
     def threads_for(self, options: dict[str, Any]) -> int:
         if self.torch_threads:
             return self.torch_threads

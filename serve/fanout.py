@@ -236,16 +236,16 @@ class Fanout:
 
     # -- replica stats ----------------------------------------------------------------------------------------
     async def stats(
-        self, timeout_s: float = 5.0, running: Callable[[str], bool] | None = None
+        self, timeout_s: float = 5.0, skip: Callable[[str], bool] | None = None
     ) -> list[tuple[str, dict[str, Any]]]:
         """``(deployment, stats)`` of one replica of every deployment that answers within ``timeout_s``;
-        ``running(name)`` false skips a deployment (one scaled to zero is not woken by a scrape)."""
+        ``skip(name)`` true leaves a deployment out (one that may be at zero replicas: a call would wake it)."""
         targets = [(perspective_deployment(p), h) for p, h in self.replicas.items()]
         targets += [(POOL, self.pool)] if self.pool is not None else []
         targets += [(BASE, self.base)] if self.base is not None else []
         targets += [(FUSED, self.fused)] if self.fused is not None else []
-        if running is not None:
-            targets = [(n, h) for n, h in targets if running(n)]
+        if skip is not None:
+            targets = [(n, h) for n, h in targets if not skip(n)]
 
         async def one(name: str, handle: Any) -> tuple[str, dict[str, Any]] | None:
             try:

@@ -36,6 +36,10 @@ def test_defaults_and_per_deployment_options() -> None:
     assert (
         slug("S. Africa") == "s_africa" and perspective_deployment("United States") == "PerspectiveModel-united_states"
     )
+    idle = {**cfg.deployments, "PerspectiveModel-britain": {"autoscaling_config": {"min_replicas": 0}}}
+    scaled = ServeConfig.from_dict({"vectors": "opinions", "deployments": idle})
+    assert scaled.scales_to_zero("PerspectiveModel-britain")  # a metrics scrape must not wake it
+    assert not scaled.scales_to_zero(perspective_deployment("United States")) and not scaled.scales_to_zero("BaseModel")
     names = deployment_names(cfg, ["United States", "Britain"])
     assert names == ["PluralAggregator", "BaseModel", "PerspectiveModel-united_states", "PerspectiveModel-britain"]
     fused = ServeConfig.from_dict({"vectors": "x", "backend": "fused"})
