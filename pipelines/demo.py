@@ -204,7 +204,7 @@ def collect_and_train(s: DemoSettings, model_id: str, out: Path, n: int) -> Path
             "expansions": [8],
             "epochs": s.epochs,
             "batch_size": 1024,
-            "eval_tokens": 4096,
+            "eval_tokens": min(4096, max(512, s.tokens // 8)),  # held out: an eighth of the training rows
             "dead_tokens": 50_000,
             "checkpoint_every": 50,
             "out": out / "train",
