@@ -141,24 +141,36 @@ class SessionCache:
             return sum(e.nbytes for e in self._entries.values())
 
 
-def _plain_kv_layers(cache: Any) -> bool:
-    """Whether every layer of a transformers cache is a plain (full-attention) dynamic layer we can slice."""
-    from transformers.cache_utils import DynamicLayer
+def _sliceable_kv_layers(cache: Any) -> bool:
+    """Whether every layer of a transformers cache is a dynamic layer we can slice: plain (full attention), or
+    sliding-window while the session is shorter than the window (the engine's ``window`` rule)."""
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-    return all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", [None]))
+    kinds = (DynamicLayer, DynamicSlidingWindowLayer)
+    return all(type(layer) in kinds for layer in getattr(cache, "layers", [None]))
 
 
 @torch.no_grad()
-def uncached_layers(model: nn.Module, pad_id: int = 0) -> list[str]:
-    """The kinds of KV-cache layer of ``model`` that sessions cannot keep (empty: every step after the first
-    decodes one token). A model with sliding-window layers (Gemma 3, Mistral) gets its cache as another kind;
-    the engines then replay a session's whole prefix at every step: correct, but O(length²)."""
+def kv_layer_kinds(model: nn.Module, pad_id: int = 0) -> list[str]:
+    """The kinds of KV-cache layer ``model`` makes other than plain full-attention ones: empty, or
+    ``DynamicSlidingWindowLayer`` (Gemma 3, Mistral: sessions are kept only while shorter than the window, see
+    :class:`StepEngine`), or a kind the engines cannot slice (every step replays the session's prefix)."""
     from transformers.cache_utils import DynamicLayer
 
     device = next(model.parameters()).device
     out = model(input_ids=torch.tensor([[pad_id, pad_id]], device=device), use_cache=True)
     kinds = {type(layer).__name__ for layer in getattr(out.past_key_values, "layers", [None])}
     return sorted(kinds - {DynamicLayer.__name__})
+
+
+def sliding_window(model: nn.Module) -> int | None:
+    """The attention window of ``model``'s sliding-window layers (``None``: it has none)."""
+    config = getattr(model, "config", None)
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if not window or (types is not None and "sliding_attention" not in types):
+        return None
+    return int(window)
 
 
 class EngineBase:
@@ -215,6 +227,10 @@ class StepEngine(EngineBase):
         super().__init__(model, steering=steering, cache=cache, max_rows=max_rows, max_tokens=max_tokens, pad_id=pad_id)
         self.device = next(model.parameters()).device
         self._checked: Any = object()
+        # With sliding-window layers a session is kept while it is at most window - 2 tokens long: a decode step
+        # then spans at most window - 1 cache slots, so no padding of a batch can push a key out of a window
+        # that its true distance keeps it in (and the model's own sliding layers never crop what we slice).
+        self.window = sliding_window(model)
 
     # -- steering ------------------------------------------------------------------------------------
     def _current(self) -> Steering | None:
@@ -267,6 +283,8 @@ class StepEngine(EngineBase):
                 out[i] = RowOut(entry.logits.numpy(), 0, True)
                 self.counters["hits"] += 1
                 continue
+            if entry is not None and self.window is not None and len(ids) - len(entry.ids) > 1:
+                entry = None  # several new tokens: a padded batch could span more than the window; replay
             if entry is not None:
                 self.counters["hits"] += 1
                 (decode if len(ids) - len(entry.ids) == 1 else replay).append((i, row, entry, ids[len(entry.ids) :]))
@@ -340,12 +358,12 @@ class StepEngine(EngineBase):
             raise
         logits = result.logits[:, -1].float().cpu()
         kv_cache = result.past_key_values
-        cacheable = _plain_kv_layers(kv_cache)
+        cacheable = _sliceable_kv_layers(kv_cache)
         self.counters["forwards"] += 1
         self.counters["tokens"] += sum(news)
         for b, ((i, row, _, _), p, n) in enumerate(zip(chunk, pasts, news, strict=True)):
             out[i] = RowOut(logits[b].numpy(), n, p > 0)
-            if row.key is None or not cacheable:
+            if row.key is None or not cacheable or (self.window is not None and p + n > self.window - 2):
                 continue
             if p == P and n == N:
                 keep = None
@@ -361,4 +379,4 @@ class StepEngine(EngineBase):
             self.cache.put(row.key, entry)
 
 
-__all__ = ["EngineBase", "Row", "RowOut", "SessionCache", "Steering", "StepEngine", "uncached_layers"]
+__all__ = ["EngineBase", "Row", "RowOut", "SessionCache", "Steering", "StepEngine", "kv_layer_kinds", "sliding_window"]

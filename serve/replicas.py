@@ -27,7 +27,7 @@ from sae.model import SparseAutoencoder
 from sae.vectorset import sae_fingerprint
 from serve.batcher import ContinuousBatcher
 from serve.config import BASE, FUSED, PERSPECTIVE, POOL, ServeConfig
-from serve.engine import Row, RowOut, SessionCache, Steering, StepEngine, uncached_layers
+from serve.engine import Row, RowOut, SessionCache, Steering, StepEngine, kv_layer_kinds, sliding_window
 from serve.fused import FusedEngine, self_check
 
 log = logging.getLogger("ray.serve")
@@ -143,17 +143,23 @@ class ModelServer:
         )
         if self.source is not None:
             self.engine.step([Row(None, [pad], perspective)])  # checks the set against model and SAE once
-        self.uncached = uncached_layers(self.model, pad)
-        if self.uncached:
+        self.kv_layers = kv_layer_kinds(self.model, pad)  # [] for plain full-attention caches
+        unsliced = [kind for kind in self.kv_layers if kind != "DynamicSlidingWindowLayer"]
+        if unsliced:
             log.warning(
                 "%s: this model's KV cache has %s layers, which sessions cannot keep: every step replays the "
-                "session's prefix (correct, but slower with every token)", self.name, ", ".join(self.uncached)
+                "session's prefix (correct, but slower with every token)", self.name, ", ".join(unsliced)
+            )  # fmt: skip
+        elif self.kv_layers:
+            log.warning(
+                "%s: sliding-window attention (window %s): a session's KV cache is kept while it is shorter than "
+                "the window; longer sessions replay their prefix at every step", self.name, sliding_window(self.model)
             )  # fmt: skip
         self.shared_trunk = False
         if fused:  # share the blocks below the steering layer between a session's rows, if this model allows it
             problem = (
-                f"its KV cache has {', '.join(self.uncached)} layers"
-                if self.uncached
+                f"its KV cache has {', '.join(self.kv_layers)} layers"
+                if self.kv_layers
                 else self_check(self.model, self.source.current, pad)  # type: ignore[union-attr]
             )
             if problem is None:
@@ -232,7 +238,7 @@ class ModelServer:
             "load_seconds": self.load_seconds,
             "threads": torch.get_num_threads(),
             "shared_trunk": self.shared_trunk,
-            "uncached_layers": self.uncached,
+            "kv_layers": self.kv_layers,
             "version": self._version(),
             "batches": self.batcher.batches,
             "batched_items": self.batcher.items,

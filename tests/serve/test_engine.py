@@ -8,7 +8,7 @@ import torch
 from sae.decoding import Decoding, combine, plural_generate
 from sae.lm import model_name
 from sae.vectorset import VectorSet, VectorSetMeta, sae_fingerprint
-from serve.engine import Row, SessionCache, Steering, StepEngine, uncached_layers
+from serve.engine import Row, SessionCache, Steering, StepEngine, kv_layer_kinds
 from tests.conftest import tiny_model
 
 
@@ -96,20 +96,32 @@ def test_concurrent_sessions_of_different_lengths_share_one_forward(embedded, em
         torch.testing.assert_close(torch.from_numpy(out.logits), torch.from_numpy(want), atol=2e-4, rtol=0)
 
 
-def test_a_sliding_window_model_is_named_uncached_and_replays_to_the_right_logits(one_thread) -> None:
-    """Gemma 3's sliding-window cache layers cannot be kept per session: the engine says so and replays each
-    step's whole prefix, with the logits of a plain forward (past the window, too)."""
+def test_a_sliding_window_model_keeps_sessions_within_the_window_and_replays_beyond(one_thread) -> None:
+    """Gemma 3's sliding-window layers (window 16 here): a session is kept while it is at most 14 tokens
+    long, then replays its whole prefix at every step; two sessions of different lengths share a padded forward. Every
+    step has the logits of a plain forward of the whole sequence, within the window and past it."""
     plain, sliding = tiny_model("llama"), tiny_model("gemma3")
-    assert uncached_layers(plain) == [] and uncached_layers(sliding) == ["DynamicSlidingWindowLayer"]
-    engine = StepEngine(sliding, steering=lambda: None)
-    ids = list(range(3, 23))  # longer than the window of 16
-    for step in range(3):
-        seq = ids + list(range(40, 40 + step))
-        (out,) = engine.step([Row("s", seq, None)])
-        assert out.ran == len(seq) and not out.hit  # replayed, never a cache hit
-        want = sliding(input_ids=torch.tensor([seq])).logits[0, -1]
-        torch.testing.assert_close(torch.from_numpy(out.logits), want, atol=1e-4, rtol=1e-4)
-    assert engine.counters["replays"] == 3 and len(engine.cache) == 0
+    assert kv_layer_kinds(plain) == [] and kv_layer_kinds(sliding) == ["DynamicSlidingWindowLayer"]
+    engine = StepEngine(sliding)
+    assert engine.window == 16
+
+    def want(seq: list[int]) -> torch.Tensor:
+        return sliding(input_ids=torch.tensor([seq])).logits[0, -1]
+
+    a, b = list(range(3, 10)), list(range(30, 33))  # 7 and 3 tokens
+    ran = []
+    for step in range(12):
+        seq_a, seq_b = a + list(range(40, 40 + step)), b + list(range(60, 60 + step))
+        outs = engine.step([Row("a", seq_a, None), Row("b", seq_b, None)])
+        ran.append([o.ran for o in outs])
+        for out, seq in zip(outs, (seq_a, seq_b), strict=True):
+            torch.testing.assert_close(torch.from_numpy(out.logits), want(seq), atol=1e-4, rtol=1e-4)
+    # a: 7 tokens, kept up to 14, so steps 1-8 decode one token each (8: from the 14 kept to 15); from 16 on
+    # (step 9) a step is a replay of the whole sequence
+    assert [r[0] for r in ran] == [7, *[1] * 8, *(len(a) + s for s in range(9, 12))]
+    assert [r[1] for r in ran] == [3, *[1] * 11]  # b stays within 14 tokens throughout
+    (again,) = engine.step([Row("b", b + list(range(60, 72)), None)])  # beyond b's cache by 1: a decode
+    assert again.ran == 1
 
 
 def test_session_cache_is_lru_and_expires() -> None:
