@@ -4,8 +4,8 @@
   and the fraction of latents that never fire, over batches of raw activations. Also the explained variance
   over the *other* dimensions when a few hold much of the variance (``dominant_dims``: each with ≥
   ``DOMINANT_FACTOR`` × the mean variance per dimension, as in models whose residual stream has a huge-norm
-  dimension): there the headline
-  EV is mostly that dimension's and says little about the rest, which is what steering moves.
+  dimension): there the headline EV is mostly that dimension's and says little about the rest, which is what
+  steering moves.
 - :func:`ce_loss_recovered` — next-token loss of the LM clean, with the SAE's reconstruction replacing the
   residual after block ``layer``, and with that residual zeroed: ``(zero - sae) / (zero - clean)``.
   Position 0 (the attention sink, which SAEs are not trained on) is left untouched in both edits.

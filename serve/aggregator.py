@@ -311,8 +311,8 @@ class PluralAggregator:
     @api.get("/metrics", dependencies=Auth)
     async def metrics_text(self) -> Response:
         """Prometheus text format; model replicas' memory is refreshed on each scrape, except for deployments
-        that autoscale from ``min_replicas: 0``: a call to one at zero, or racing its scale-down, is queued and
-        wakes it (Serve's status said "running" and the replica was gone by the call), so none is called."""
+        that autoscale from ``min_replicas: 0``: a call to one at zero, or to one scaling down as the call
+        arrives, is queued by its handle and wakes it, so none is called."""
         for name, st in await self.fanout.stats(skip=self.cfg.scales_to_zero):
             self.metrics.replica_rss.labels(name, str(st["pid"])).set(st["rss_bytes"])
             self.metrics.replica_sessions.labels(name, str(st["pid"])).set(st["sessions"])
