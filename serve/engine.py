@@ -141,13 +141,17 @@ class SessionCache:
             return sum(e.nbytes for e in self._entries.values())
 
 
-def _sliceable_kv_layers(cache: Any) -> bool:
+def _sliceable_kv_layers(cache: Any, window: int | None) -> bool:
     """Whether every layer of a transformers cache is a dynamic layer we can slice: plain (full attention), or
-    sliding-window while the session is shorter than the window (the engine's ``window`` rule)."""
+    sliding-window when the engine knows a window no larger than the layer's (its ``window`` rule applies)."""
     from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-    kinds = (DynamicLayer, DynamicSlidingWindowLayer)
-    return all(type(layer) in kinds for layer in getattr(cache, "layers", [None]))
+    def ok(layer: Any) -> bool:
+        if type(layer) is DynamicSlidingWindowLayer:
+            return window is not None and window <= layer.sliding_window
+        return type(layer) is DynamicLayer
+
+    return all(ok(layer) for layer in getattr(cache, "layers", [None]))
 
 
 @torch.no_grad()
@@ -358,7 +362,7 @@ class StepEngine(EngineBase):
             raise
         logits = result.logits[:, -1].float().cpu()
         kv_cache = result.past_key_values
-        cacheable = _sliceable_kv_layers(kv_cache)
+        cacheable = _sliceable_kv_layers(kv_cache, self.window)
         self.counters["forwards"] += 1
         self.counters["tokens"] += sum(news)
         for b, ((i, row, _, _), p, n) in enumerate(zip(chunk, pasts, news, strict=True)):

@@ -122,6 +122,11 @@ def test_a_sliding_window_model_keeps_sessions_within_the_window_and_replays_bey
     assert [r[1] for r in ran] == [3, *[1] * 11]  # b stays within 14 tokens throughout
     (again,) = engine.step([Row("b", b + list(range(60, 72)), None)])  # beyond b's cache by 1: a decode
     assert again.ran == 1
+    blind = StepEngine(sliding)
+    blind.window = None  # as for a model whose config does not name its window: its sessions are never kept
+    blind.step([Row("x", a, None)])
+    (out,) = blind.step([Row("x", [*a, 40], None)])
+    assert out.ran == len(a) + 1 and len(blind.cache) == 0
 
 
 def test_session_cache_is_lru_and_expires() -> None:
