@@ -50,9 +50,8 @@ def reconstruction_metrics(sae: Any, batches: Iterable[Tensor], *, device: str |
     d = s1.numel()
     sst = s2 - s1.pow(2) / n  # per dimension, around the data mean
     total = float(sst.sum())
-    dominant = (sst >= DOMINANT_FACTOR * total / d).nonzero().flatten()
-    rest = torch.ones(d, dtype=torch.bool, device=sst.device)
-    rest[dominant] = False
+    is_dominant = sst >= DOMINANT_FACTOR * total / d
+    dominant, rest = is_dominant.nonzero().flatten(), ~is_dominant
     rest_sst = float(sst[rest].sum())
     return {
         "tokens": n,

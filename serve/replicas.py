@@ -27,7 +27,7 @@ from sae.model import SparseAutoencoder
 from sae.vectorset import sae_fingerprint
 from serve.batcher import ContinuousBatcher
 from serve.config import BASE, FUSED, PERSPECTIVE, POOL, ServeConfig
-from serve.engine import Row, RowOut, SessionCache, Steering, StepEngine, kv_layer_kinds, sliding_window
+from serve.engine import Row, RowOut, SessionCache, Steering, StepEngine, kv_layer_kinds
 from serve.fused import FusedEngine, self_check
 
 log = logging.getLogger("ray.serve")
@@ -153,7 +153,7 @@ class ModelServer:
         elif self.kv_layers:
             log.warning(
                 "%s: sliding-window attention (window %s): a session's KV cache is kept while it is shorter than "
-                "the window; longer sessions replay their prefix at every step", self.name, sliding_window(self.model)
+                "the window; longer sessions replay their prefix at every step", self.name, self.engine.window
             )  # fmt: skip
         self.shared_trunk = False
         if fused:  # share the blocks below the steering layer between a session's rows, if this model allows it

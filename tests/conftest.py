@@ -29,6 +29,8 @@ def tiny_config(family: str = "llama", **overrides):
     import transformers as tf
 
     common = {"vocab_size": 256, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+    gemma = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4,
+             "num_key_value_heads": 1, "head_dim": 16, "max_position_embeddings": 256, **common}  # fmt: skip
     if family == "llama":
         cfg = tf.LlamaConfig(
             hidden_size=64,
@@ -50,28 +52,10 @@ def tiny_config(family: str = "llama", **overrides):
             **common,
         )
     elif family == "gemma":
-        cfg = tf.GemmaConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=1,
-            head_dim=16,
-            max_position_embeddings=256,
-            **common,
-        )
+        cfg = tf.GemmaConfig(**gemma)
     elif family == "gemma3":  # sliding-window attention in two of three layers, as Gemma 3 has
         cfg = tf.Gemma3TextConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=1,
-            head_dim=16,
-            max_position_embeddings=256,
-            sliding_window=16,
-            layer_types=["sliding_attention", "sliding_attention", "full_attention"],
-            **common,
+            **gemma, sliding_window=16, layer_types=["sliding_attention", "sliding_attention", "full_attention"]
         )
     elif family == "gpt2":
         cfg = tf.GPT2Config(n_embd=64, n_layer=3, n_head=4, n_positions=256, **common)
