@@ -1,20 +1,32 @@
-"""Typed stage configs: dataclasses loaded from YAML or dicts, overridden from the CLI, validated on load.
+"""Typed stage configs: dataclasses validated by pydantic, loaded from YAML or dicts, overridden from the CLI.
 
-Every field is checked against its annotation (``int``, ``float``, ``str``, ``bool``, ``Path`` (a URI
-such as ``s3://bucket/prefix`` stays a string), ``Literal[...]``, ``list[...]``, ``X | None``); a config's
-own ``validate`` adds range checks. Errors name the field and what is allowed.
+A stage config is a plain dataclass with a default for every field, subclassing :class:`StageConfig` and the
+shared sections it uses (:class:`RaySection`, :class:`ActorPool`, :class:`Tracking`). Each field's annotation is
+its contract, checked by pydantic (``extra="forbid"``, no NaN or infinity): a type (``int``, ``float``, ``str``,
+``bool``, :data:`PathOrURI`, ``Literal[...]``, ``list[...]``, ``dict[str, ...]``, ``X | None``) and range
+constraints (``Annotated[int, Field(ge=1)]``; :data:`Count`, :data:`NonNegInt`, :data:`Positive`,
+:data:`NonNegFloat`, :data:`Fraction`, :data:`Retries`). A constraint's ``description`` is the hint an error repeats
+(``"0: dense"``). What one field cannot say (relations between fields, files that must exist) is the
+config's own ``validate``.
+
+Pydantic's errors are translated into one line per problem that names the file (or the class), the field and
+what is allowed: ``train.yaml: batch_size: must be >= 1, got 0``. From the command line (``--set``), a
+comma-separated value of a list field is split (``layers=4,8``) and a single value is a list of one.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
+import functools
 import types
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
+from pydantic import ConfigDict, Field, PlainValidator, TypeAdapter, ValidationError
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticCustomError
 
 from sae.storage import is_uri
 
@@ -25,80 +37,56 @@ class ConfigError(ValueError):
     """A configuration value is missing, of the wrong type, or out of range."""
 
 
-def _type_name(tp: Any) -> str:
-    origin = get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in get_args(tp))
-    if origin in (list, tuple, Sequence):
-        return f"list of {_type_name(get_args(tp)[0])}"
-    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+def _path_or_uri(value: Any) -> Path | str:
+    if is_uri(value):  # s3://, gs://, file://: kept as a string (Path would fold "//" into "/")
+        return value
+    if isinstance(value, str | Path):
+        return Path(value)
+    raise PydanticCustomError("path_type", "expected a path or a URI (s3://bucket/prefix), got {got}", {"got": value})
 
 
-def coerce(value: Any, tp: Any, name: str) -> Any:
-    """Return ``value`` as type ``tp`` or raise :class:`ConfigError` naming ``name``."""
-    origin = get_origin(tp)
-    if origin in (Union, types.UnionType):
-        for option in get_args(tp):
-            try:
-                return coerce(value, option, name)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{name}: expected {_type_name(tp)}, got {value!r}")
-    if tp is type(None):
-        if value is None:
-            return None
-        raise ConfigError(f"{name}: expected null, got {value!r}")
-    if origin is Literal:
-        if value in get_args(tp):
-            return value
-        raise ConfigError(f"{name}: must be one of {_type_name(tp)}, got {value!r}")
-    if origin in (list, tuple, Sequence):
-        (item,) = get_args(tp)[:1]
-        if isinstance(value, str) and "," in value:  # "--set layers=4,8" from the CLI
-            try:
-                value = [yaml.safe_load(v) for v in value.split(",")]
-            except yaml.YAMLError:
-                raise ConfigError(f"{name}: expected {_type_name(tp)}, got {value!r}") from None
-        if not isinstance(value, list | tuple):
-            value = [value]
-        return [coerce(v, item, f"{name}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{name}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{name}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            if not math.isfinite(value):  # NaN passes every `x > 0` check by failing none of the `x <= 0` ones
-                raise ConfigError(f"{name}: expected a finite number, got {value!r}")
-            return float(value)
-        raise ConfigError(f"{name}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{name}: expected a string, got {value!r}")
-    if tp is Path:
-        if is_uri(value):  # s3://, gs://, file://: kept as a string (Path would fold "//" into "/")
-            return value
-        if isinstance(value, str | Path):
-            return Path(value)
-        raise ConfigError(f"{name}: expected a path, got {value!r}")
-    if tp is dict or origin is dict:
-        if isinstance(value, dict):
-            return value
-        raise ConfigError(f"{name}: expected a mapping, got {value!r}")
-    raise ConfigError(f"{name}: unsupported field type {tp!r}")
+# A local path (a Path) or a URI such as s3://bucket/prefix (kept as the string).
+PathOrURI = Annotated[Path | str, PlainValidator(_path_or_uri)]
+Count = Annotated[int, Field(ge=1)]
+NonNegInt = Annotated[int, Field(ge=0)]
+Positive = Annotated[float, Field(gt=0)]
+NonNegFloat = Annotated[float, Field(ge=0)]
+Fraction = Annotated[float, Field(ge=0, lt=1, description="a fraction in [0, 1)")]
+Retries = Annotated[int, Field(ge=-1, description="-1: unlimited")]
+# One process's torch device (a stage that is not an actor pool, where Ray assigns the GPUs).
+TorchDevice = Annotated[
+    str, Field(pattern=r"^(auto|cpu|mps|(cuda|xpu)(:\d+)?)$", description="auto, cpu, cuda or cuda:N")
+]
+Resources = dict[str, Annotated[float, Field(ge=0, description="custom Ray resources: amounts >= 0")]]
 
 
+# -- the shared sections -------------------------------------------------------------------------------
+@dataclasses.dataclass
+class RaySection:
+    """Where a stage's Ray work runs (every stage)."""
+
+    ray_address: str | None = None  # None: a local Ray; "auto" or "ray://host:10001" joins a cluster
+
+
+@dataclasses.dataclass
+class ActorPool:
+    """The model actors of a data-parallel stage (collect, evaluate): how many, and what each reserves."""
+
+    num_actors: Count = 1  # model actors (one model each)
+    actor_cpus: NonNegFloat = 0.5  # Ray CPUs reserved per actor (fractional: the forward's threads are separate)
+    actor_gpus: NonNegFloat = 1.0  # GPUs per actor when running on GPU
+    torch_threads: Annotated[int, Field(ge=0, description="0: the node's cores / actors per node")] = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when the cluster has GPUs
+
+
+@dataclasses.dataclass
+class Tracking:
+    """Experiment tracking (every stage that runs a job)."""
+
+    track: bool = True  # log to W&B (offline unless WANDB_API_KEY is set)
+
+
+# -- the engine ----------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class StageConfig:
     """Base of every stage config. Subclasses are plain dataclasses with defaults for every field.
@@ -106,31 +94,25 @@ class StageConfig:
     ``RENAMED`` maps a field's old name to its new one: a config that still uses the old name gets an error
     saying so, not silence."""
 
+    __pydantic_config__ = ConfigDict(extra="forbid", allow_inf_nan=False, coerce_numbers_to_str=True)
     RENAMED: ClassVar[dict[str, str]] = {}
 
     def validate(self) -> None:
-        """Range checks beyond types; raise :class:`ConfigError`. Overridden by stages."""
+        """Checks across fields, beyond what the annotations say; raise :class:`ConfigError`."""
 
     @classmethod
     def from_dict(cls: type[T], data: dict[str, Any] | None, *, where: str = "config") -> T:
         data = dict(data or {})
-        hints = get_type_hints(cls)
-        fields = {f.name: f for f in dataclasses.fields(cls)}
         renamed = [f"{old}: renamed to {cls.RENAMED[old]}" for old in sorted(data) if old in cls.RENAMED]
         if renamed:
             raise ConfigError(f"{where}: " + "; ".join(renamed))
-        unknown = sorted(set(data) - set(fields))
-        if unknown:
-            raise ConfigError(f"{where}: unknown field(s) {unknown}; {cls.__name__} takes {sorted(fields)}")
-        kwargs = {name: coerce(value, hints[name], f"{where}: {name}") for name, value in data.items()}
-        missing = [
-            n
-            for n, f in fields.items()
-            if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        ]
-        if missing:
-            raise ConfigError(f"{where}: missing required field(s) {missing}")
-        cfg = cls(**kwargs)
+        lists = _list_fields(cls)
+        for name in data.keys() & lists:
+            data[name] = _as_list(data[name], f"{where}: {name}")
+        try:
+            cfg = _adapter(cls).validate_python(data)
+        except ValidationError as err:
+            raise ConfigError(f"{where}: " + _explain(cls, err)) from None
         try:
             cfg.validate()
         except ConfigError as err:
@@ -173,7 +155,9 @@ class StageConfig:
                 return [plain(x) for x in v]
             return v
 
-        return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        names = [f.name for f in dataclasses.fields(self)]
+        own = vars(type(self)).get("__annotations__", {})  # the stage's own fields first, then its sections'
+        return {name: plain(getattr(self, name)) for name in sorted(names, key=lambda n: n not in own)}
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -185,4 +169,130 @@ def check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-__all__ = ["ConfigError", "StageConfig", "check", "coerce"]
+# -- pydantic's side -----------------------------------------------------------------------------------
+@functools.cache
+def _adapter(cls: type) -> TypeAdapter:
+    return TypeAdapter(cls)
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls, include_extras=True)
+
+
+def _unwrap(tp: Any) -> Any:
+    """``tp`` without ``Annotated`` and ``| None``."""
+    while True:
+        if get_origin(tp) is Annotated:
+            tp = get_args(tp)[0]
+        elif get_origin(tp) in (Union, types.UnionType) and type(None) in get_args(tp):
+            rest = [a for a in get_args(tp) if a is not type(None)]
+            if len(rest) != 1:
+                return tp
+            tp = rest[0]
+        else:
+            return tp
+
+
+@functools.cache
+def _list_fields(cls: type) -> frozenset[str]:
+    return frozenset(name for name, tp in _hints(cls).items() if get_origin(_unwrap(tp)) in (list, Sequence))
+
+
+def _as_list(value: Any, name: str) -> Any:
+    """``"4,8"`` -> ``[4, 8]`` (``--set layers=4,8``), a single value -> a list of it, ``None`` kept."""
+    if isinstance(value, str) and "," in value:
+        try:
+            return [yaml.safe_load(v) for v in value.split(",")]
+        except yaml.YAMLError:
+            raise ConfigError(f"{name}: expected a comma-separated list, got {value!r}") from None
+    if value is None or isinstance(value, list):
+        return value
+    return list(value) if isinstance(value, tuple) else [value]
+
+
+_EXPECTED = {
+    "int_type": "expected an integer",
+    "int_parsing": "expected an integer",
+    "int_from_float": "expected an integer",
+    "float_type": "expected a number",
+    "float_parsing": "expected a number",
+    "finite_number": "expected a finite number",
+    "bool_type": "expected true or false",
+    "bool_parsing": "expected true or false",
+    "string_type": "expected a string",
+    "list_type": "expected a list",
+    "dict_type": "expected a mapping",
+}
+_BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+
+
+def _hint(cls: type, name: str) -> str:
+    """The first constraint ``description`` in field ``name``'s type (its items' too), or ``""``."""
+    pending = [_hints(cls).get(name, Any)]
+    while pending:
+        tp = pending.pop(0)
+        if get_origin(tp) is Annotated:
+            for meta in tp.__metadata__:
+                if isinstance(meta, FieldInfo) and meta.description:
+                    return meta.description
+        pending.extend(get_args(tp))
+    return ""
+
+
+def _explain(cls: type, err: ValidationError) -> str:
+    """One message per problem, in this project's words: ``field: what is wrong, got value``."""
+    problems, unknown, missing = [], [], []
+    for e in err.errors():
+        loc = [str(p) for p in e["loc"]]
+        kind, got = e["type"], e.get("input")
+        if kind in ("unexpected_keyword_argument", "extra_forbidden"):
+            unknown.append(loc[0])
+            continue
+        if kind in ("missing", "missing_argument"):
+            missing.append(loc[0])
+            continue
+        name = loc[0] + "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in loc[1:] if p != "[key]")
+        ctx = e.get("ctx") or {}
+        if kind in _BOUNDS:
+            bound = next(iter(ctx.values()))
+            bound = int(bound) if isinstance(bound, float) and bound.is_integer() else bound
+            hint = _hint(cls, loc[0])
+            text = f"must be {_BOUNDS[kind]} {bound}, got {got!r}" + (f" ({hint})" if hint else "")
+        elif kind == "string_pattern_mismatch":
+            text = f"must be {_hint(cls, loc[0]) or 'like ' + str(ctx['pattern'])}, got {got!r}"
+        elif kind == "literal_error":
+            options = str(ctx.get("expected", "")).replace(" or ", " | ").replace(", ", " | ")
+            text = f"must be one of {options}, got {got!r}"
+        elif kind in _EXPECTED:
+            text = f"{_EXPECTED[kind]}, got {got!r}"
+        elif kind == "value_error" and "error" in ctx:
+            text = str(ctx["error"])
+        else:
+            text = e["msg"][:1].lower() + e["msg"][1:]
+        problems.append(f"{name}: {text}")
+    fields = [f.name for f in dataclasses.fields(cls)]
+    if unknown:
+        problems.insert(0, f"unknown field(s) {sorted(unknown)}; {cls.__name__} takes {sorted(fields)}")
+    if missing:
+        problems.insert(0, f"missing required field(s) {missing}")
+    return "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
+
+
+__all__ = [
+    "ActorPool",
+    "ConfigError",
+    "Count",
+    "Fraction",
+    "NonNegFloat",
+    "NonNegInt",
+    "PathOrURI",
+    "Positive",
+    "RaySection",
+    "Resources",
+    "Retries",
+    "StageConfig",
+    "TorchDevice",
+    "Tracking",
+    "check",
+]

@@ -27,13 +27,26 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
 import ray
 import ray.data
+from pydantic import Field
 
-from common.config import ConfigError, StageConfig, check
+from common.config import (
+    ActorPool,
+    ConfigError,
+    Count,
+    NonNegInt,
+    PathOrURI,
+    RaySection,
+    Resources,
+    Retries,
+    StageConfig,
+    Tracking,
+    check,
+)
 from common.raycluster import init_ray
 from pipelines.collect_worker import ResidualWorker, WorkerSpec, probe_range
 from pipelines.contexts import plan_contexts
@@ -80,54 +93,34 @@ PLAN_FIELDS = (
 
 
 @dataclass
-class CollectConfig(StageConfig):
+class CollectConfig(StageConfig, ActorPool, RaySection, Tracking):
     """Activation collection. ``dtype`` is the compute dtype, ``store_dtype`` what the shards hold."""
 
     RENAMED: ClassVar[dict[str, str]] = {"wandb": "track"}
 
     model: str = "embedded"  # "embedded", a local directory or a Hugging Face id
-    layers: list[int] = field(default_factory=lambda: [15])  # resid_post of these blocks, one pass
-    context_size: int = 128  # tokens per context, BOS included
-    n_tokens: int = 1_000_000  # rows in the finished store (BOS and outliers do not count)
-    batch_size: int = 32  # contexts per forward
-    contexts_per_shard: int = 64  # a shard = this many consecutive contexts (the unit of resume)
+    layers: list[NonNegInt] = field(default_factory=lambda: [15])  # resid_post of these blocks, one pass
+    context_size: Annotated[int, Field(ge=2, le=32767)] = 128  # tokens per context, BOS included
+    n_tokens: Count = 1_000_000  # rows in the finished store (BOS and outliers do not count)
+    batch_size: Count = 32  # contexts per forward
+    contexts_per_shard: Count = 64  # a shard = this many consecutive contexts (the unit of resume)
     dtype: Literal["float32", "float16", "bfloat16", "fp32", "fp16", "bf16"] = "float32"
     # what the shards hold; auto: float16 when the measured range fits (with AUTO_HEADROOM), else float32
     store_dtype: Literal["auto", "float16", "float32", "fp16", "fp32"] = "auto"
-    out: Path = Path("runs/activations")  # or a URI: s3://bucket/prefix, gs://..., file://...
-    corpus: Path | None = None  # default: <data>/corpus
+    out: PathOrURI = Path("runs/activations")  # or a URI: s3://bucket/prefix, gs://..., file://...
+    corpus: PathOrURI | None = None  # default: <data>/corpus
     sources: list[str] = field(default_factory=lambda: list(SOURCES))  # for the built-in corpus layout
     outlier_factor: float = 10.0  # drop positions with norm > factor x the context's median; <= 0 keeps all
-    num_actors: int = 1  # model actors (one model each)
-    actor_cpus: float = 0.5  # Ray CPUs reserved per actor (fractional: the forward's threads are separate)
-    actor_gpus: float = 1.0  # GPUs per actor when collecting on GPU
-    actor_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per actor
-    torch_threads: int = 0  # intra-op threads per actor on CPU; 0: the node's cores / actors per node
-    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when the cluster has GPUs
-    ray_address: str | None = None  # None: local Ray; "auto" or "ray://host:10001" joins a cluster
-    max_restarts: int = 3  # restarts of a dead actor (Ray Core); -1: unlimited
-    max_task_retries: int = 3  # retries of a shard whose actor died; -1: unlimited
+    actor_resources: Resources = field(default_factory=dict)  # custom Ray resources per actor
+    max_restarts: Retries = 3  # restarts of a dead actor (Ray Core)
+    max_task_retries: Retries = 3  # retries of a shard whose actor died
     compression: Literal["zstd", "lz4", "snappy", "none"] = "zstd"
-    track: bool = True  # log progress to W&B (offline unless WANDB_API_KEY is set)
 
     def validate(self) -> None:
         self.dtype = _DTYPE_ALIASES.get(self.dtype, self.dtype)  # type: ignore[assignment]
         self.store_dtype = _DTYPE_ALIASES.get(self.store_dtype, self.store_dtype)  # type: ignore[assignment]
         check(bool(self.layers), "layers: give at least one layer")
-        check(all(layer >= 0 for layer in self.layers), f"layers must be >= 0, got {self.layers}")
         check(len(set(self.layers)) == len(self.layers), f"layers has duplicates: {self.layers}")
-        check(2 <= self.context_size <= 32767, f"context_size must be in 2..32767, got {self.context_size}")
-        check(self.n_tokens > 0, f"n_tokens must be positive, got {self.n_tokens}")
-        check(self.batch_size > 0, f"batch_size must be positive, got {self.batch_size}")
-        check(self.contexts_per_shard > 0, f"contexts_per_shard must be positive, got {self.contexts_per_shard}")
-        check(self.num_actors > 0, f"num_actors must be positive, got {self.num_actors}")
-        check(self.actor_cpus >= 0, f"actor_cpus must be >= 0, got {self.actor_cpus}")
-        check(self.actor_gpus >= 0, f"actor_gpus must be >= 0, got {self.actor_gpus}")
-        check(self.torch_threads >= 0, f"torch_threads must be >= 0, got {self.torch_threads}")
-        check(self.max_restarts >= -1, f"max_restarts must be >= -1, got {self.max_restarts}")
-        check(self.max_task_retries >= -1, f"max_task_retries must be >= -1, got {self.max_task_retries}")
-        bad = {k: v for k, v in self.actor_resources.items() if not isinstance(v, int | float) or v < 0}
-        check(not bad, f"actor_resources must map resource names to amounts >= 0, got {bad}")
         unknown = sorted(set(self.sources) - set(SOURCES))
         check(not unknown, f"sources: unknown {unknown}; known: {list(SOURCES)}")
 

@@ -7,71 +7,78 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar
 
-from common.config import ConfigError, StageConfig, check
+from pydantic import Field
+
+from common.config import (
+    ActorPool,
+    ConfigError,
+    Count,
+    NonNegFloat,
+    NonNegInt,
+    PathOrURI,
+    Positive,
+    RaySection,
+    StageConfig,
+    Tracking,
+    check,
+)
 from pipelines.eval_plan import ALL_CONDITIONS, BASELINE, KNOWN_CONDITIONS, Condition, Switches, make_conditions
 from pipelines.tasks import BUNDLED, check_task_settings, task_name
 from sae import storage
 
 
 @dataclass
-class EvalConfig(StageConfig):
+class EvalConfig(StageConfig, ActorPool, RaySection, Tracking):
     """Settings of ``pluristeer evaluate`` / ``recommend``."""
 
     RENAMED: ClassVar[dict[str, str]] = {"pd_alpha_mislc": "task_alphas"}
 
     model: str = "embedded"
-    sae_8x: Path | None = None  # SAE directories (sae-lens layout); the steering layer is their hook_layer
-    sae_32x: Path | None = None
+    sae_8x: PathOrURI | None = None  # SAE directories (sae-lens layout); the steering layer is their hook_layer
+    sae_32x: PathOrURI | None = None
     layer: int | None = None  # default: the SAEs' hook_layer (needed when no SAE is used)
     tasks: list[str] = field(default_factory=lambda: list(BUNDLED))  # bundled task names and/or .jsonl files
     templates: dict = field(default_factory=dict)  # JSONL task -> {question, feedback, persona} prompt templates
     test_fraction: float = 0.3  # JSONL tasks: share of each perspective's records in test (where no meta.split)
     conditions: list[str] = field(default_factory=lambda: list(ALL_CONDITIONS))
-    limit: int = 0  # test records per perspective (seeded, stratified); 0: the full test sets
-    task_limits: dict = field(default_factory=dict)  # task -> its own limit, used only when limit > 0
-    max_perspectives: int = 10  # evaluated perspectives per task (most training samples first); 0: all
-    perspectives: dict = field(default_factory=dict)  # task -> explicit list of perspectives
-    samples: int = 50  # feedback pairs per perspective for the vectors (train split)
-    k_shots: int = 3
-    pd_k_classify: int = 3  # perspectives combined by pluralistic decoding
-    pd_k_distribution: int = 6
-    pd_alpha: float | None = None  # PD contrast weight for every task; default: each task's own (0.2, MisLC 0.1)
-    task_alphas: dict = field(default_factory=dict)  # task -> α
-    pd_tau: float = 0.4
-    pd_top_k: int = 20
+    limit: Annotated[int, Field(ge=0, description="0: the full test sets")] = 0  # test records per perspective
+    task_limits: dict[str, Count] = field(default_factory=dict)  # task -> its own limit, used only when limit > 0
+    max_perspectives: Annotated[int, Field(ge=0, description="0: all")] = 10  # per task, most samples first
+    perspectives: dict[str, list[str]] = field(default_factory=dict)  # task -> explicit list of perspectives
+    samples: Count = 50  # feedback pairs per perspective for the vectors (train split)
+    k_shots: Count = 3
+    pd_k_classify: Count = 3  # perspectives combined by pluralistic decoding
+    pd_k_distribution: Count = 6
+    pd_alpha: NonNegFloat | None = None  # PD contrast weight for every task; default: each task's own (0.2, MisLC 0.1)
+    task_alphas: dict[str, NonNegFloat] = field(default_factory=dict)  # task -> α
+    pd_tau: Positive = 0.4
+    pd_top_k: Count = 20
     coeff: float = 1.0  # steering coefficient c
-    task_coeffs: dict = field(default_factory=dict)  # task -> c (e.g. from the sweep)
+    task_coeffs: dict[str, float] = field(default_factory=dict)  # task -> c (e.g. from the sweep)
     caa_coeff: float | None = None  # default: coeff
     keep_error: bool = True  # reference-fidelity switches for every steering condition (ref-* set their own)
     steer_decode: bool = True
-    from_position: int = 0
+    from_position: NonNegInt = 0
     reference_entropy: bool = False  # PD conditions use the reference's DVD entropy
     crehate_definition: str | None = None  # a legal definition (e.g. TOS_yt) put before every CREHate post
-    bootstrap: int = 1000
+    bootstrap: Annotated[int, Field(ge=100, description="1000 recommended")] = 1000  # resamples
     seed: int = 42
-    items_per_unit: int = 8
-    batch_size: int = 16
-    max_batch_tokens: int = 4096
+    items_per_unit: Count = 8
+    batch_size: Count = 16
+    max_batch_tokens: Count = 4096
     resume_from_layer: bool = True  # steered rows reuse the unsteered forward up to the steering layer
-    num_actors: int = 1
-    actor_cpus: float = 0.5  # Ray CPUs reserved per actor (fractional; its torch threads are separate)
-    actor_gpus: float = 1.0  # per actor when running on GPU
-    torch_threads: int = 0  # per actor on CPU; 0: the node's cores / actors per node
-    device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: str = "float32"
-    ray_address: str | None = None
-    out: Path = Path("results/run")  # a directory or a URI (s3://bucket/prefix): rows, tables, plots, run.json
-    work_dir: Path | None = None  # vectors, readouts and finished units; default runs/evaluate/<out name>
+    out: PathOrURI = Path("results/run")  # a directory or a URI (s3://bucket/prefix): rows, tables, plots, run.json
+    work_dir: PathOrURI | None = None  # vectors, readouts and finished units; default runs/evaluate/<out name>
     name: str | None = None  # run name (W&B); default: out's name
-    track: bool = True  # W&B run (offline unless WANDB_API_KEY)
     dry_run: bool = False  # plan and count tokens only
     # the sweep and recommend (on a held-out part of the train split): coefficients, SAEs, CAA layers
-    sweep_coeffs: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0, 8.0])
-    sweep_saes: list[Path] = field(default_factory=list)  # more SAEs (any layers) besides sae_8x / sae_32x
-    sweep_layers: list[int] = field(default_factory=list)  # extra layers swept with CAA vectors (no SAE needed)
-    sweep_limit: int = 20  # held-out training records per perspective scored (0: all)
+    sweep_coeffs: list[Positive] = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0, 8.0])
+    sweep_saes: list[PathOrURI] = field(default_factory=list)  # more SAEs (any layers) besides sae_8x / sae_32x
+    sweep_layers: list[NonNegInt] = field(default_factory=list)  # extra layers swept with CAA vectors (no SAE needed)
+    sweep_limit: Annotated[int, Field(ge=0, description="0: all")] = 20  # held-out training records scored
 
     def validate(self) -> None:
         check(bool(self.tasks), "tasks: give at least one task")
@@ -83,26 +90,10 @@ class EvalConfig(StageConfig):
         bad = sorted(set(self.conditions) - set(KNOWN_CONDITIONS))
         check(not bad, f"conditions: unknown {bad}; known: {list(KNOWN_CONDITIONS)}")
         check(BASELINE in self.conditions, f"conditions: must include {BASELINE!r} (the paired baseline)")
-        check(self.limit >= 0, "limit: must be >= 0 (0: the full test sets)")
-        check(self.max_perspectives >= 0, "max_perspectives: must be >= 0 (0: all)")
-        check(self.samples >= 1, "samples: must be >= 1")
-        check(self.k_shots >= 1, "k_shots: must be >= 1")
-        check(self.pd_k_classify >= 1 and self.pd_k_distribution >= 1, "pd_k_*: must be >= 1")
-        check(self.pd_alpha is None or self.pd_alpha >= 0, "pd_alpha: must be >= 0")
-        check(self.bootstrap >= 100, "bootstrap: use at least 100 resamples (1000 recommended)")
-        check(self.items_per_unit >= 1 and self.batch_size >= 1, "items_per_unit, batch_size: must be >= 1")
-        check(self.num_actors >= 1, "num_actors: must be >= 1")
-        check(self.actor_cpus >= 0 and self.actor_gpus >= 0, "actor_cpus, actor_gpus: must be >= 0")
-        check(self.from_position >= 0, "from_position: must be >= 0")
-        check(bool(self.sweep_coeffs) and all(c > 0 for c in self.sweep_coeffs), "sweep_coeffs: numbers > 0")
-        check(self.sweep_limit >= 0, "sweep_limit: must be >= 0 (0: all)")
+        check(bool(self.sweep_coeffs), "sweep_coeffs: give at least one coefficient")
         for key in ("task_coeffs", "task_limits", "perspectives", "task_alphas"):
             for task in getattr(self, key):
                 check(task in names, f"{key}: unknown task {task!r}; the tasks are {names}")
-        for task, n in self.task_limits.items():
-            check(isinstance(n, int) and n > 0, f"task_limits: {task}: {n} (a limit > 0)")
-        for task, a in self.task_alphas.items():
-            check(isinstance(a, int | float) and a >= 0, f"task_alphas: {task}: {a} (an α >= 0)")
 
     @property
     def task_names(self) -> list[str]:

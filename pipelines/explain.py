@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.config import ConfigError, StageConfig, check
+from common.config import ConfigError, Count, PathOrURI, RaySection, StageConfig, check
 from common.registry import RegistryClient
 from pipelines.corpus import iter_documents
 from pipelines.datasets import data_dir
@@ -336,25 +336,22 @@ def run_explain(
 
 
 @dataclass
-class ExplainConfig(StageConfig):
+class ExplainConfig(StageConfig, RaySection):
     """Settings of ``pluristeer explain VECTORS`` (YAML + ``--set field=value``)."""
 
     vectors: str = ""  # a VectorSet file, or a registry key name[@version] (the CLI's argument)
     perspectives: list[str] = field(default_factory=list)  # default: every perspective of the set
-    store: Path | None = None  # an activation store to find the contexts in (made with the set's model)
-    corpus: Path | None = None  # a corpus to scan instead; default (no store): <data dir>/corpus
-    sae: Path | None = None  # default: the SAE the set records
-    top: int = 10  # features per perspective
-    contexts: int = 5  # contexts per feature
-    max_tokens: int = 20_000  # tokens scanned
-    out: Path | None = None  # also write a Markdown report here
+    store: PathOrURI | None = None  # an activation store to find the contexts in (made with the set's model)
+    corpus: PathOrURI | None = None  # a corpus to scan instead; default (no store): <data dir>/corpus
+    sae: PathOrURI | None = None  # default: the SAE the set records
+    top: Count = 10  # features per perspective
+    contexts: Count = 5  # contexts per feature
+    max_tokens: Count = 20_000  # tokens scanned
+    out: PathOrURI | None = None  # also write a Markdown report here
     relative: bool = False  # explain v_p minus the set's mean: what sets p apart
-    ray_address: str | None = None  # the Ray cluster of the registry (for a registry key)
 
     def validate(self) -> None:
         check(bool(self.vectors.strip()), "vectors: give a VectorSet file or a registry key")
-        check(self.top >= 1 and self.contexts >= 1, "top, contexts: must be >= 1")
-        check(self.max_tokens >= 1, "max_tokens: must be >= 1")
 
 
 def explain_command(cfg: ExplainConfig, *, console: Any = None) -> list[Explanation]:

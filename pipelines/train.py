@@ -35,16 +35,31 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
 import ray
 import ray.train
 import ray.train.torch
 import torch
+from pydantic import Field
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from common.config import ConfigError, StageConfig, check
+from common.config import (
+    ConfigError,
+    Count,
+    Fraction,
+    NonNegFloat,
+    NonNegInt,
+    PathOrURI,
+    Positive,
+    RaySection,
+    Resources,
+    Retries,
+    StageConfig,
+    Tracking,
+    check,
+)
 from common.raycluster import init_ray
 from pipelines.contexts import plan_contexts
 from pipelines.corpus import SOURCES, iter_documents
@@ -78,76 +93,56 @@ EV_REST_FLAG = 0.1
 
 
 @dataclass
-class TrainConfig(StageConfig):
+class TrainConfig(StageConfig, RaySection, Tracking):
     """Configuration of ``pluristeer train`` (YAML fields; override with ``--set field=value``)."""
 
     RENAMED: ClassVar[dict[str, str]] = {"output_dir": "out", "tokens": "n_tokens"}
 
-    store: Path = Path("runs/store")  # activation store (pluristeer collect's output): a directory or a URI
+    store: PathOrURI = Path("runs/store")  # activation store (pluristeer collect's output): a directory or a URI
     layer: int | None = None  # None: the store's only layer
     expansions: list[float] = field(default_factory=lambda: [8.0, 32.0])  # one SAE per expansion
-    k: int = 32
+    k: Count = 32
     architecture: Literal["topk", "batchtopk", "relu", "jumprelu"] = "topk"
     saes: list[dict] = field(default_factory=list)  # explicit SAESpec mappings; replace expansions/k/architecture
-    lr: float | None = None  # None: 8e-4 / sqrt(d_sae / 2^14) per SAE
-    batch_size: int = 2048  # tokens per step, all workers together
-    n_tokens: int = 0  # tokens to train on; 0: epochs × the store's rows
-    epochs: float = 1.0
-    shuffle_window: int = 65536
-    warmup: float = 0.02
-    decay: float = 0.2
-    dead_tokens: int = 250_000
-    auxk_coefficient: float = 1 / 32
+    lr: Positive | None = None  # None: 8e-4 / sqrt(d_sae / 2^14) per SAE
+    batch_size: Count = 2048  # tokens per step, all workers together
+    n_tokens: NonNegInt = 0  # tokens to train on; 0: epochs × the store's rows
+    epochs: Positive = 1.0
+    shuffle_window: Annotated[int, Field(ge=0, description="0: no shuffling")] = 65536
+    warmup: Fraction = 0.02  # of the steps
+    decay: Fraction = 0.2  # of the steps
+    dead_tokens: Count = 250_000
+    auxk_coefficient: NonNegFloat = 1 / 32
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    workers: int = 1
-    cpus_per_worker: float = 1.0
-    worker_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per worker (placement)
+    workers: Count = 1
+    cpus_per_worker: Positive = 1.0
+    worker_resources: Resources = field(default_factory=dict)  # custom Ray resources per worker (placement)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"  # of the workers' bundles
     use_gpu: bool = False
     deepspeed: bool = False
-    zero_stage: int = 1
-    checkpoint_every: int = 100  # steps
-    keep_checkpoints: int = 2
-    max_failures: int = 3
-    log_every: int = 10  # steps
-    out: Path = Path("runs/train")  # or a URI (s3://bucket/prefix): SAE directories and checkpoints
+    zero_stage: Literal[0, 1, 2] = 1
+    checkpoint_every: Count = 100  # steps
+    keep_checkpoints: Count = 2
+    max_failures: Retries = 3
+    log_every: Count = 10  # steps
+    out: PathOrURI = Path("runs/train")  # or a URI (s3://bucket/prefix): SAE directories and checkpoints
     name: str | None = None  # Ray Train run name; None: derived from the store and layer
-    ray_address: str | None = None
     seed: int = 0
-    eval_tokens: int = 16384  # held-out corpus tokens for the final evaluation; 0: skip it
+    eval_tokens: NonNegInt = 16384  # held-out corpus tokens for the final evaluation; 0: skip it
     eval_model: str | None = None  # LM for CE loss recovered; None: the store's model
-    corpus: Path | None = None  # held-out text; None: $PLURISTEER_DATA/corpus
+    corpus: PathOrURI | None = None  # held-out text; None: $PLURISTEER_DATA/corpus
     heldout: Literal["tail", "after_store"] = "tail"  # the corpus's last documents, or the contexts after the store's
-    track: bool = True  # W&B (offline unless WANDB_API_KEY is set)
-    inject_failure_at_step: int = 0  # testing: the last worker kills itself once at this step
-    inject_nan_at_step: int = 0  # testing: the last worker's batch at this step holds a NaN (0: off)
+    inject_failure_at_step: NonNegInt = 0  # testing: the last worker kills itself once at this step
+    inject_nan_at_step: NonNegInt = 0  # testing: the last worker's batch at this step holds a NaN (0: off)
 
     def validate(self) -> None:
-        check(self.batch_size > 0, f"batch_size must be positive, got {self.batch_size}")
-        check(self.workers >= 1, f"workers must be >= 1, got {self.workers}")
         check(
             self.batch_size % self.workers == 0,
             f"batch_size ({self.batch_size}) must be divisible by workers ({self.workers})",
         )
-        check(self.cpus_per_worker > 0, f"cpus_per_worker must be positive, got {self.cpus_per_worker}")
-        bad = {k: v for k, v in self.worker_resources.items() if not isinstance(v, int | float) or v < 0}
-        check(not bad, f"worker_resources must map resource names to amounts >= 0, got {bad}")
         reserved = sorted(set(self.worker_resources) & {"CPU", "GPU"})
         check(not reserved, f"worker_resources: set {reserved} through cpus_per_worker / use_gpu instead")
-        check(self.n_tokens >= 0 and self.epochs > 0, "n_tokens must be >= 0 and epochs > 0")
-        check(self.zero_stage in (0, 1, 2), f"zero_stage must be 0, 1 or 2, got {self.zero_stage}")
-        check(self.checkpoint_every >= 1 and self.log_every >= 1, "checkpoint_every and log_every must be >= 1")
-        check(0 <= self.warmup < 1 and 0 <= self.decay < 1, "warmup and decay are fractions of the steps in [0, 1)")
         check(self.saes != [] or self.expansions != [], "give expansions (e.g. [8, 32]) or saes")
-        check(self.eval_tokens >= 0, f"eval_tokens must be >= 0, got {self.eval_tokens}")
-        check(self.lr is None or self.lr > 0, f"lr must be positive (or null for the default), got {self.lr}")
-        check(self.shuffle_window >= 0, f"shuffle_window must be >= 0 (0: no shuffling), got {self.shuffle_window}")
-        check(self.dead_tokens >= 1, f"dead_tokens must be >= 1, got {self.dead_tokens}")
-        check(self.auxk_coefficient >= 0, f"auxk_coefficient must be >= 0, got {self.auxk_coefficient}")
-        check(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
-        check(self.max_failures >= -1, f"max_failures must be >= 0 (-1: retry forever), got {self.max_failures}")
-        check(self.inject_failure_at_step >= 0, "inject_failure_at_step must be >= 0 (0: off)")
-        check(self.inject_nan_at_step >= 0, "inject_nan_at_step must be >= 0 (0: off)")
         self.specs()
 
     def specs(self) -> list[SAESpec]:

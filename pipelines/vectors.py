@@ -19,13 +19,25 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
 import ray
 import torch
+from pydantic import Field
 
-from common.config import StageConfig, check
+from common.config import (
+    Count,
+    NonNegFloat,
+    NonNegInt,
+    PathOrURI,
+    Positive,
+    RaySection,
+    StageConfig,
+    TorchDevice,
+    Tracking,
+    check,
+)
 from common.raycluster import init_ray
 from common.registry import RegistryClient
 from pipelines.prompts import FeedbackSource, Prompt, PromptSpec, build_prompt, encode_prompts, feedback_text
@@ -40,54 +52,43 @@ from sae.vectorset import VectorSet, VectorSetMeta, sae_file_hash, sae_fingerpri
 
 
 @dataclass
-class VectorConfig(StageConfig):
+class VectorConfig(StageConfig, RaySection, Tracking):
     """Settings of ``pluristeer vectors`` (YAML + ``--set field=value``)."""
 
     RENAMED: ClassVar[dict[str, str]] = {"data": "task"}
 
-    sae: Path | None = None  # SAE directory (sae-lens layout); not needed for mode caa
+    sae: PathOrURI | None = None  # SAE directory (sae-lens layout); not needed for mode caa
     model: str = "embedded"
     layer: int | None = None  # default: the SAE's hook_layer
     task: str = "mislc"  # a bundled task (globalopinionqa, crehate, mislc, crowd_truthfulness) or a .jsonl file
     templates: dict = field(default_factory=dict)  # JSONL task -> {question, feedback, persona} prompt templates
     test_fraction: float = 0.3  # JSONL tasks: share of each perspective's records held out as test
-    split: str = "train"
+    split: Literal["train", "valid", "test", "all"] = "train"
     perspectives: list[str] = field(default_factory=list)  # default: the max_perspectives with most samples
-    max_perspectives: int = 5  # 0: all
-    samples: int = 50  # per perspective (at most)
+    max_perspectives: Annotated[int, Field(ge=0, description="0: all")] = 5
+    samples: Count = 50  # per perspective (at most)
     feedback: Literal["auto", "rationale", "answer"] = "auto"
     readout: Literal["last", "after_colon"] = "last"
     mode: Literal["sae", "residual", "caa"] = "sae"
     granularity: Literal["fine", "coarse", "both"] = "both"
-    topk: int = 0  # keep the topk largest-magnitude entries of each vector (0: dense)
-    batch_size: int = 32
+    topk: Annotated[int, Field(ge=0, description="0: dense")] = 0  # keep each vector's topk largest entries
+    batch_size: Count = 32
     share_prefix: bool = True  # run the prefix a pair's two prompts share once (KV cache), then both suffixes
-    max_length: int = 1024  # pairs with a longer prompt (tokens) are skipped
+    max_length: Annotated[int, Field(ge=8)] = 1024  # pairs with a longer prompt (tokens) are skipped
     dtype: str = "float32"
-    device: str = "auto"
+    device: TorchDevice = "auto"
     seed: int = 42
-    out: Path = Path("runs/vectors")
+    out: PathOrURI = Path("runs/vectors")
     name: str | None = None  # registry name prefix; default "{task}-{mode}"
     publish: bool = True
-    registry_dir: Path | None = None  # default: the running registry's, else $PLURISTEER_CACHE/registry
-    ray_address: str | None = None
-    workers: int = 0  # > 0: split the perspectives across this many Ray tasks
-    worker_cpus: float = 1.0
-    worker_gpus: float = 0.0  # per Ray task (set with device=auto or cuda on a GPU cluster)
-    track: bool = True  # W&B run (offline unless WANDB_API_KEY)
+    registry_dir: PathOrURI | None = None  # default: the running registry's, else $PLURISTEER_CACHE/registry
+    workers: NonNegInt = 0  # > 0: split the perspectives across this many Ray tasks
+    worker_cpus: Positive = 1.0
+    worker_gpus: NonNegFloat = 0.0  # per Ray task (set with device=auto or cuda on a GPU cluster)
 
     def validate(self) -> None:
         check(self.mode == "caa" or self.sae is not None, "sae: an SAE directory is required unless mode is 'caa'")
         check_task_settings([self.task], self.templates, self.test_fraction)
-        check(self.samples >= 1, "samples: must be >= 1")
-        check(self.max_perspectives >= 0, "max_perspectives: must be >= 0 (0: all)")
-        check(self.topk >= 0, "topk: must be >= 0 (0: dense)")
-        check(self.batch_size >= 1, "batch_size: must be >= 1")
-        check(self.max_length >= 8, "max_length: must be >= 8")
-        check(self.split in ("train", "valid", "test", "all"), f"split: train, valid, test or all, not {self.split!r}")
-        check(self.workers >= 0, "workers: must be >= 0")
-        check(self.worker_cpus > 0, "worker_cpus: must be > 0")
-        check(self.worker_gpus >= 0, "worker_gpus: must be >= 0")
 
     @property
     def task_name(self) -> str:

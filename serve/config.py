@@ -27,11 +27,23 @@ from __future__ import annotations
 import copy
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from common.config import ConfigError, StageConfig, check
-from sae.decoding import DECODING_MODES
+from pydantic import Field, ValidationError
+from ray.serve.config import AutoscalingConfig
+
+from common.config import (
+    ConfigError,
+    Count,
+    NonNegFloat,
+    NonNegInt,
+    PathOrURI,
+    Positive,
+    RaySection,
+    StageConfig,
+    TorchDevice,
+    check,
+)
 
 AGGREGATOR = "PluralAggregator"
 BASE = "BaseModel"
@@ -64,75 +76,69 @@ def perspective_deployment(perspective: str) -> str:
 
 
 @dataclass
-class ServeConfig(StageConfig):
+class ServeConfig(StageConfig, RaySection):
     """Settings of ``pluristeer serve`` (YAML + ``--set field=value``)."""
 
     # what is served
     vectors: str = ""  # registry key of the VectorSet: name, name@latest (follows new versions) or name@N
-    vectors_file: Path | None = None  # publish this VectorSet file as `vectors` first (if it is not the latest)
+    vectors_file: PathOrURI | None = None  # publish this VectorSet file as `vectors` first (if it is not the latest)
     perspectives: list[str] = field(default_factory=list)  # own deployments (default: all of the set, none with pool)
     pool: list[str] = field(default_factory=list)  # served by PerspectivePool instead; ["*"]: all the rest of the set
     model: str = "embedded"
-    sae: Path | None = None  # default: the SAE path the vector set records
+    sae: PathOrURI | None = None  # default: the SAE path the vector set records
     dtype: str = "float32"
-    device: str = "auto"
-    registry_dir: Path | None = None
-    ray_address: str | None = None
-    vector_poll_s: float = 2.0  # how often replicas look for a new version of the set
+    device: TorchDevice = "auto"
+    registry_dir: PathOrURI | None = None
+    vector_poll_s: Positive = 2.0  # how often replicas look for a new version of the set
     # steering
     coeff: float = 1.0
     steer_mode: Literal["sae", "residual", "caa"] | None = None  # default: the set's own mode
     keep_error: bool = True
     steer_decode: bool = True
-    from_position: int = 0
+    from_position: NonNegInt = 0
     # default decoding (a request's `decoding` overrides it)
     decoding_mode: Literal["mean", "cad", "dvd"] = "dvd"
-    alpha: float = 0.2
-    tau: float = 0.4
-    top_k: int = 20
+    alpha: NonNegFloat = 0.2
+    tau: Positive = 0.4
+    top_k: Count = 20
     # topology
     backend: Literal["replicas", "fused", "both"] = "replicas"  # both: a request's `backend` picks (default replicas)
     app_name: str = "pluristeer"
     route_prefix: str = "/"
     host: str = "127.0.0.1"
-    port: int = 8000
-    replica_cpus: float = 0.5
-    replica_gpus: float = 0.0
-    aggregator_cpus: float = 0.25
-    min_replicas: int = 1
-    max_replicas: int = 2
-    target_ongoing_requests: float = 16.0
-    max_ongoing_requests: int = 64
+    port: Annotated[int, Field(ge=1, le=65535)] = 8000
+    replica_cpus: NonNegFloat = 0.5
+    replica_gpus: NonNegFloat = 0.0
+    aggregator_cpus: NonNegFloat = 0.25
+    min_replicas: NonNegInt = 1
+    max_replicas: Count = 2
+    target_ongoing_requests: Positive = 16.0
+    max_ongoing_requests: Count = 64
     deployments: dict[str, Any] = field(default_factory=dict)  # per-deployment Serve options (module docstring)
-    torch_threads: int = 0  # per model replica; 0: max(1, its num_cpus rounded down)
+    torch_threads: Annotated[int, Field(ge=0, description="0: from num_cpus")] = 0  # per model replica
     # replicas
-    max_batch_rows: int = 32  # rows in one forward (continuous batching)
-    max_batch_tokens: int = 8192  # padded tokens in one replay forward
-    batch_gather_s: float = 0.1  # longest wait for the last batch's sessions to be back (serve/batcher.py); 0: none
-    max_sessions: int = 64  # KV caches kept per replica (LRU)
-    session_ttl_s: float = 300.0
+    max_batch_rows: Count = 32  # rows in one forward (continuous batching)
+    max_batch_tokens: Count = 8192  # padded tokens in one replay forward
+    # longest wait for the last batch's sessions to be back (serve/batcher.py)
+    batch_gather_s: Annotated[float, Field(ge=0, le=1, description="seconds; 0: no wait")] = 0.1
+    max_sessions: NonNegInt = 64  # KV caches kept per replica (LRU)
+    session_ttl_s: Positive = 300.0
     session_affinity: bool = True  # route a session's steps to the replica holding its cache
     # the API
     auth: bool = True  # bearer keys on everything but /healthz
     api_keys_env: str = DEFAULT_API_KEYS_ENV  # comma-separated keys in this environment variable
     add_special_tokens: bool = False  # completions: prompts are complete model inputs
-    max_prompt_tokens: int = 4096
-    max_tokens_limit: int = 512  # upper bound of a request's max_tokens
-    default_max_tokens: int = 16  # OpenAI's default for completions
-    max_perspectives: int = 8  # K
-    max_prompts: int = 8  # prompts in one /v1/completions request
-    max_body_bytes: int = 1_000_000
-    request_timeout_s: float = 300.0
-    step_timeout_s: float = 60.0  # one call to one deployment; a lost replica is retried until the request times out
+    max_prompt_tokens: Count = 4096
+    max_tokens_limit: Count = 512  # upper bound of a request's max_tokens
+    default_max_tokens: Count = 16  # OpenAI's default for completions
+    max_perspectives: Count = 8  # K
+    max_prompts: Count = 8  # prompts in one /v1/completions request
+    max_body_bytes: Annotated[int, Field(ge=1024)] = 1_000_000
+    request_timeout_s: Positive = 300.0
+    step_timeout_s: Positive = 60.0  # one call to one deployment; a lost replica is retried until the request times out
 
     def validate(self) -> None:
         check(bool(self.vectors.strip()) or self.vectors_file is not None, "vectors: a registry name is required")
-        check(self.vector_poll_s > 0, "vector_poll_s: must be > 0")
-        check(self.decoding_mode in DECODING_MODES, f"decoding_mode: one of {DECODING_MODES}")
-        check(self.alpha >= 0, "alpha: must be >= 0")
-        check(self.tau > 0, "tau: must be > 0")
-        check(self.top_k >= 1, "top_k: must be >= 1")
-        check(self.from_position >= 0, "from_position: must be >= 0")
         check(len(set(self.perspectives)) == len(self.perspectives), "perspectives: listed twice")
         slugs = [slug(p) for p in self.perspectives]
         check(len(set(slugs)) == len(slugs), f"perspectives: two of them share a deployment name ({slugs})")
@@ -142,27 +148,9 @@ class ServeConfig(StageConfig):
         check(not both, f"pool: {both} also have their own deployment (perspectives); list each in one of them")
         check(not self.pool or self.backend != "fused", "pool: needs backend replicas or both (fused serves all)")
         check(self.route_prefix.startswith("/"), "route_prefix: must start with '/'")
-        check(1 <= self.port <= 65535, "port: must be in 1..65535")
-        check(self.replica_cpus >= 0 and self.aggregator_cpus >= 0, "replica_cpus, aggregator_cpus: must be >= 0")
-        check(self.replica_gpus >= 0, "replica_gpus: must be >= 0")
-        check(0 <= self.min_replicas <= self.max_replicas, "min_replicas, max_replicas: need 0 <= min <= max")
-        check(self.max_replicas >= 1, "max_replicas: must be >= 1")
-        check(self.target_ongoing_requests > 0, "target_ongoing_requests: must be > 0")
-        check(self.max_ongoing_requests >= 1, "max_ongoing_requests: must be >= 1")
-        check(self.torch_threads >= 0, "torch_threads: must be >= 0 (0: from num_cpus)")
-        check(self.max_batch_rows >= 1, "max_batch_rows: must be >= 1")
-        check(self.max_batch_tokens >= 1, "max_batch_tokens: must be >= 1")
-        check(0 <= self.batch_gather_s <= 1, "batch_gather_s: seconds in 0..1 (0: no wait)")
-        check(self.max_sessions >= 0, "max_sessions: must be >= 0")
-        check(self.session_ttl_s > 0, "session_ttl_s: must be > 0")
+        check(self.min_replicas <= self.max_replicas, "min_replicas, max_replicas: need 0 <= min <= max")
         check(bool(self.api_keys_env.strip()), "api_keys_env: name an environment variable")
-        check(self.max_prompt_tokens >= 1, "max_prompt_tokens: must be >= 1")
-        check(self.max_tokens_limit >= 1, "max_tokens_limit: must be >= 1")
-        check(1 <= self.default_max_tokens <= self.max_tokens_limit, "default_max_tokens: 1..max_tokens_limit")
-        check(self.max_perspectives >= 1, "max_perspectives: must be >= 1")
-        check(self.max_prompts >= 1, "max_prompts: must be >= 1")
-        check(self.max_body_bytes >= 1024, "max_body_bytes: must be >= 1024")
-        check(self.request_timeout_s > 0 and self.step_timeout_s > 0, "request_timeout_s, step_timeout_s: > 0")
+        check(self.default_max_tokens <= self.max_tokens_limit, "default_max_tokens: 1..max_tokens_limit")
         for name, options in self.deployments.items():
             check(
                 name in (AGGREGATOR, BASE, FUSED, POOL, PERSPECTIVE) or name.startswith(f"{PERSPECTIVE}-"),
@@ -226,9 +214,6 @@ class ServeConfig(StageConfig):
 
 
 def _check_autoscaling(value: Any, where: str) -> None:
-    from pydantic import ValidationError
-    from ray.serve.config import AutoscalingConfig
-
     if not isinstance(value, dict):
         raise ConfigError(f"{where}: expected a mapping")
     try:

@@ -262,11 +262,12 @@ def test_a_good_vector_set_still_loads(tmp_path: Path) -> None:
 def _stage_configs() -> list[type[StageConfig]]:
     from pipelines.collect import CollectConfig
     from pipelines.evaluate import EvalConfig
+    from pipelines.explain import ExplainConfig
     from pipelines.train import TrainConfig
     from pipelines.vectors import VectorConfig
     from serve.config import ServeConfig
 
-    return [CollectConfig, TrainConfig, VectorConfig, EvalConfig, ServeConfig]
+    return [CollectConfig, TrainConfig, VectorConfig, EvalConfig, ExplainConfig, ServeConfig]
 
 
 HOSTILE = [None, True, -1, 0, 2**63, -1.5, math.nan, math.inf, -math.inf, 1e308, "", "x", "4,8", "[1, x]", "nan",
@@ -279,7 +280,7 @@ def test_every_stage_config_rejects_bad_values_by_field() -> None:
     accepted float is finite (NaN passes range checks written as ``x > 0`` by failing ``x <= 0`` nowhere)."""
     tried = rejected = 0
     for cls in _stage_configs():
-        base = {"vectors": "x"} if cls.__name__ == "ServeConfig" else {}
+        base = {"vectors": "x"} if cls.__name__ in ("ServeConfig", "ExplainConfig") else {}
         for f in dataclasses.fields(cls):
             for value in HOSTILE:
                 tried += 1
@@ -297,13 +298,13 @@ def test_every_stage_config_rejects_bad_values_by_field() -> None:
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
-        ("lr", "-0.001", "lr must be positive"),
-        ("lr", ".nan", "lr: expected float | null, got nan"),
+        ("lr", "-0.001", "lr: must be > 0, got -0.001"),
+        ("lr", ".nan", "lr: expected a finite number, got nan"),
         ("epochs", ".inf", "epochs: expected a finite number"),
-        ("keep_checkpoints", "0", "keep_checkpoints must be >= 1"),
-        ("dead_tokens", "-1", "dead_tokens must be >= 1"),
-        ("shuffle_window", "-1", "shuffle_window must be >= 0"),
-        ("auxk_coefficient", "-1", "auxk_coefficient must be >= 0"),
+        ("keep_checkpoints", "0", "keep_checkpoints: must be >= 1, got 0"),
+        ("dead_tokens", "-1", "dead_tokens: must be >= 1, got -1"),
+        ("shuffle_window", "-1", "shuffle_window: must be >= 0, got -1 (0: no shuffling)"),
+        ("auxk_coefficient", "-1", "auxk_coefficient: must be >= 0, got -1"),
         ("expansions", "[1, x]", "expansions[1]: expected a number, got 'x'"),
         ("workers", "two", "workers: expected an integer"),
     ],
@@ -342,7 +343,7 @@ def test_fuzzed_overrides_only_raise_config_errors() -> None:
     @given(pick=st.sampled_from(fields), text=st.text(max_size=24))
     def check(pick: tuple[type[StageConfig], str], text: str) -> None:
         cls, name = pick
-        base = ["vectors=x"] if cls.__name__ == "ServeConfig" else []
+        base = ["vectors=x"] if cls.__name__ in ("ServeConfig", "ExplainConfig") else []
         try:
             cls.load(None, [*base, f"{name}={text}"])
             outcomes.append("ok")

@@ -103,7 +103,7 @@ def test_config_is_validated() -> None:
     assert cfg.dtype == "bfloat16" and cfg.store_dtype == "float32" and cfg.layers == [3, 9]
     for bad, message in [
         ("layers=[2, 2]", "duplicates"),
-        ("n_tokens=0", "n_tokens must be positive"),
+        ("n_tokens=0", "n_tokens: must be >= 1, got 0"),
         ("sources=books", "unknown"),
         ("context_size=1", "context_size"),
     ]:
