@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
-from pydantic import ConfigDict, Field, PlainValidator, TypeAdapter, ValidationError
+from pydantic import BeforeValidator, ConfigDict, Field, PlainValidator, TypeAdapter, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 
@@ -57,6 +57,10 @@ Retries = Annotated[int, Field(ge=-1, description="-1: unlimited")]
 TorchDevice = Annotated[
     str, Field(pattern=r"^(auto|cpu|mps|(cuda|xpu)(:\d+)?)$", description="auto, cpu, cuda or cuda:N")
 ]
+DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# Reads fp32 / fp16 / bf16 as their full names (put it in the Annotated of a Literal of dtype names).
+DTYPE_NAMES = BeforeValidator(lambda v: DTYPE_ALIASES.get(v, v) if isinstance(v, str) else v)
+ComputeDtype = Annotated[Literal["float32", "float16", "bfloat16"], DTYPE_NAMES]  # a torch dtype by name
 Resources = dict[str, Annotated[float, Field(ge=0, description="custom Ray resources: amounts >= 0")]]
 
 
@@ -280,7 +284,10 @@ def _explain(cls: type, err: ValidationError) -> str:
 
 
 __all__ = [
+    "DTYPE_ALIASES",
+    "DTYPE_NAMES",
     "ActorPool",
+    "ComputeDtype",
     "ConfigError",
     "Count",
     "Fraction",

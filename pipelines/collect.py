@@ -35,7 +35,9 @@ import ray.data
 from pydantic import Field
 
 from common.config import (
+    DTYPE_NAMES,
     ActorPool,
+    ComputeDtype,
     ConfigError,
     Count,
     NonNegInt,
@@ -72,7 +74,6 @@ from pipelines.tracking import Tracker
 from sae import storage
 from sae.lm import _not_found, load_tokenizer, resolve_model
 
-_DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 AUTO = "auto"
 # store_dtype=auto picks float16 only when the probe's max |value| times this still fits (later text may
 # reach further than the first shard's; a shard that does not fit fails with the fix rather than storing inf).
@@ -104,9 +105,9 @@ class CollectConfig(StageConfig, ActorPool, RaySection, Tracking):
     n_tokens: Count = 1_000_000  # rows in the finished store (BOS and outliers do not count)
     batch_size: Count = 32  # contexts per forward
     contexts_per_shard: Count = 64  # a shard = this many consecutive contexts (the unit of resume)
-    dtype: Literal["float32", "float16", "bfloat16", "fp32", "fp16", "bf16"] = "float32"
+    dtype: ComputeDtype = "float32"
     # what the shards hold; auto: float16 when the measured range fits (with AUTO_HEADROOM), else float32
-    store_dtype: Literal["auto", "float16", "float32", "fp16", "fp32"] = "auto"
+    store_dtype: Annotated[Literal["auto", "float16", "float32"], DTYPE_NAMES] = "auto"
     out: PathOrURI = Path("runs/activations")  # or a URI: s3://bucket/prefix, gs://..., file://...
     corpus: PathOrURI | None = None  # default: <data>/corpus
     sources: list[str] = field(default_factory=lambda: list(SOURCES))  # for the built-in corpus layout
@@ -117,8 +118,6 @@ class CollectConfig(StageConfig, ActorPool, RaySection, Tracking):
     compression: Literal["zstd", "lz4", "snappy", "none"] = "zstd"
 
     def validate(self) -> None:
-        self.dtype = _DTYPE_ALIASES.get(self.dtype, self.dtype)  # type: ignore[assignment]
-        self.store_dtype = _DTYPE_ALIASES.get(self.store_dtype, self.store_dtype)  # type: ignore[assignment]
         check(bool(self.layers), "layers: give at least one layer")
         check(len(set(self.layers)) == len(self.layers), f"layers has duplicates: {self.layers}")
         unknown = sorted(set(self.sources) - set(SOURCES))

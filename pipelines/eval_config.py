@@ -13,6 +13,7 @@ from pydantic import Field
 
 from common.config import (
     ActorPool,
+    ComputeDtype,
     ConfigError,
     Count,
     NonNegFloat,
@@ -69,7 +70,7 @@ class EvalConfig(StageConfig, ActorPool, RaySection, Tracking):
     batch_size: Count = 16
     max_batch_tokens: Count = 4096
     resume_from_layer: bool = True  # steered rows reuse the unsteered forward up to the steering layer
-    dtype: str = "float32"
+    dtype: ComputeDtype = "float32"
     out: PathOrURI = Path("results/run")  # a directory or a URI (s3://bucket/prefix): rows, tables, plots, run.json
     work_dir: PathOrURI | None = None  # vectors, readouts and finished units; default runs/evaluate/<out name>
     name: str | None = None  # run name (W&B); default: out's name

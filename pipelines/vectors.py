@@ -27,6 +27,7 @@ import torch
 from pydantic import Field
 
 from common.config import (
+    ComputeDtype,
     Count,
     NonNegFloat,
     NonNegInt,
@@ -75,7 +76,7 @@ class VectorConfig(StageConfig, RaySection, Tracking):
     batch_size: Count = 32
     share_prefix: bool = True  # run the prefix a pair's two prompts share once (KV cache), then both suffixes
     max_length: Annotated[int, Field(ge=8)] = 1024  # pairs with a longer prompt (tokens) are skipped
-    dtype: str = "float32"
+    dtype: ComputeDtype = "float32"
     device: TorchDevice = "auto"
     seed: int = 42
     out: PathOrURI = Path("runs/vectors")

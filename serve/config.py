@@ -33,6 +33,7 @@ from pydantic import Field, ValidationError
 from ray.serve.config import AutoscalingConfig
 
 from common.config import (
+    ComputeDtype,
     ConfigError,
     Count,
     NonNegFloat,
@@ -86,7 +87,7 @@ class ServeConfig(StageConfig, RaySection):
     pool: list[str] = field(default_factory=list)  # served by PerspectivePool instead; ["*"]: all the rest of the set
     model: str = "embedded"
     sae: PathOrURI | None = None  # default: the SAE path the vector set records
-    dtype: str = "float32"
+    dtype: ComputeDtype = "float32"
     device: TorchDevice = "auto"
     registry_dir: PathOrURI | None = None
     vector_poll_s: Positive = 2.0  # how often replicas look for a new version of the set

@@ -10,6 +10,7 @@ from pydantic import Field
 
 from common.config import (
     ActorPool,
+    ComputeDtype,
     ConfigError,
     Count,
     NonNegInt,
@@ -137,3 +138,12 @@ def test_the_serve_decoding_modes_are_the_decoding_modules() -> None:
     from serve.config import ServeConfig
 
     assert get_args(get_type_hints(ServeConfig)["decoding_mode"]) == tuple(DECODING_MODES)
+
+
+def test_dtype_names_are_the_models_and_aliases_read_as_them() -> None:
+    from pipelines.collect import CollectConfig
+    from sae.lm import DTYPES
+
+    assert set(get_args(get_args(ComputeDtype)[0])) == {str(t).removeprefix("torch.") for t in DTYPES.values()}
+    cfg = CollectConfig.load(None, ["dtype=bf16", "store_dtype=fp16"])
+    assert (cfg.dtype, cfg.store_dtype) == ("bfloat16", "float16")
