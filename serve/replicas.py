@@ -20,6 +20,7 @@ import numpy as np
 import ray
 import torch
 from ray import serve
+from ray.serve.exceptions import RayServeException
 
 from common.registry import RegistryClient, VectorWatch, parse_key
 from sae.lm import load_lm, resolve_device
@@ -36,6 +37,15 @@ log = logging.getLogger("ray.serve")
 def session_key(session: str | None, perspective: str | None) -> str | None:
     """The cache key of one row of a session: ``"{session}/{perspective}"`` (``-`` for unsteered)."""
     return None if session is None else f"{session}/{perspective if perspective is not None else '-'}"
+
+
+def replica_id() -> str | None:
+    """This Serve replica's id, the last part of its actor's name (``SERVE_REPLICA::app#deployment#<id>``, in
+    the ``serve`` namespace); ``None`` outside a replica."""
+    try:
+        return serve.get_replica_context().replica_tag
+    except RayServeException:
+        return None
 
 
 def process_memory() -> int:
@@ -229,6 +239,7 @@ class ModelServer:
             "deployment": self.name,
             "perspectives": 0 if self.source is None else len(self.source.current().vector_set.vectors),
             "pid": os.getpid(),
+            "replica": replica_id(),
             "node_id": ray.get_runtime_context().get_node_id(),
             "rss_bytes": process_memory(),
             "param_bytes": params,
@@ -284,4 +295,5 @@ class FusedPlural(ModelServer):
 
 __all__ = [
     "BaseModel", "FusedPlural", "ModelServer", "PerspectiveModel", "PerspectivePool", "VectorSource", "process_memory",
+    "replica_id",
 ]  # fmt: skip

@@ -10,7 +10,8 @@ import yaml
 from cluster.manifests import serve_config_problems
 from common.config import ConfigError
 from serve.app import config_from_args, cpus_needed, deployment_names
-from serve.config import ServeConfig, perspective_deployment, slug
+from serve.config import ALL, POOL, ServeConfig, perspective_deployment, slug
+from serve.replicas import PerspectivePool
 from tests.conftest import REPO
 
 
@@ -91,7 +92,7 @@ def _app_and_names(serve_config: dict) -> tuple[dict, set[str]]:
 
 
 @pytest.mark.parametrize("where", ["serve/serve_config.yaml", "cluster/k8s/rayservice.yaml"])
-def test_serve_configs_match_the_app(where: str) -> None:
+def test_serve_configs_match_the_app(where: str, tmp_path: Path) -> None:
     doc = yaml.safe_load((REPO / where).read_text())
     text = doc["spec"]["serveConfigV2"] if where.endswith("rayservice.yaml") else (REPO / where).read_text()
     assert serve_config_problems(text, where) == []
@@ -99,7 +100,20 @@ def test_serve_configs_match_the_app(where: str) -> None:
     assert app["import_path"] == "serve.app:build_app"
     assert {d["name"] for d in app["deployments"]} == names  # every deployment is configured, none is unknown
     cfg = config_from_args(app["args"])
-    assert cfg.vectors == "globalopinionqa-sae-fine" and cfg.perspectives == ["United States", "Britain", "Singapore"]
+    assert cfg.vectors == "globalopinionqa-sae-fine" and cfg.perspectives == ["United States", "Britain"]
+    assert cfg.pool == [ALL] and POOL in names  # the heavy perspectives on their own, the rest of the set pooled
+    # the file's deployment entries are valid ServeConfig `deployments` too: the pool's options parse, merge over
+    # the defaults, autoscale from at least one replica, and Serve itself accepts them
+    entries = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in app["deployments"]}
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump({**app["args"], "deployments": entries}))
+    options = ServeConfig.load(path).deployment_options(POOL)
+    scaling = options["autoscaling_config"]
+    assert scaling == entries[POOL]["autoscaling_config"] and "num_replicas" not in options
+    assert 1 <= scaling["min_replicas"] < scaling["max_replicas"]
+    assert options["ray_actor_options"] == entries[POOL]["ray_actor_options"]
+    deployment = PerspectivePool.options(name=POOL, **options)
+    assert deployment.max_ongoing_requests == entries[POOL]["max_ongoing_requests"]
 
 
 def test_app_args_take_a_config_file_and_overrides(tmp_path: Path) -> None:

@@ -20,12 +20,14 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+import ray
 import torch
 
 from sae.decoding import Decoding, plural_next_token
 from sae.lm import load_lm, model_name
 from sae.model import SAEConfig, SparseAutoencoder
 from sae.vectorset import VectorSet, VectorSetMeta, sae_fingerprint
+from serve.config import POOL
 
 KEY = "test-key-pool-51c2"
 NAME = "tiny-many"
@@ -342,3 +344,68 @@ def test_a_new_vector_version_reaches_every_pool_replica_without_a_restart(app: 
     for _ in range(6):  # whichever replica answers: the new vector
         after = pool.step_rows.remote(ids, [target]).result(timeout_s=60)
         assert after["version"] == 2 and np.abs(after["logits"][0] - before["logits"][0]).max() > 1e-3
+
+
+def _pool_actors() -> dict[str, str]:
+    """Serve replica id -> actor name, for every live ``PerspectivePool`` replica of this module's app."""
+    prefix = f"SERVE_REPLICA::{APP}#{POOL}#"
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == "serve"]
+    return {name[len(prefix) :]: name for name in names if name.startswith(prefix)}
+
+
+def _pool_healthy(count: int) -> bool:
+    from ray import serve
+
+    app = serve.status().applications.get(APP)
+    dep = None if app is None else app.deployments.get(POOL)
+    return dep is not None and dep.status == "HEALTHY" and replicas(POOL) == replicas(POOL, any_state=True) == count
+
+
+@pytest.mark.fault
+def test_a_pool_replica_killed_while_it_holds_sessions_loses_no_request(app: App) -> None:
+    """8 generations of 24 tokens, each PD over 3 pooled perspectives, run at once over the 2 pool replicas. Once
+    a replica holds their sessions and has run 3 more batches (the sessions past their first step), it is killed
+    (``ray.kill``, no restart: Serve replaces it). Every request completes with HTTP 200 and all 24 tokens; at
+    least one replayed its prefix on the other replica (the kill hit a live session); the pool is back at 2
+    running replicas, healthy, the killed one gone."""
+    pool = _handle(POOL)
+    actors = _pool_actors()
+    assert len(actors) == 2, actors
+    baseline: dict[str, int] = {}  # KV-cached sessions per replica before the load (earlier tests' leftovers)
+    for _ in range(40):
+        st = pool.stats.remote().result(timeout_s=60)
+        baseline[st["replica"]] = st["sessions"]
+        if len(baseline) == 2:
+            break
+    assert set(baseline) == set(actors), (baseline, actors)
+
+    def one(i: int) -> httpx.Response:
+        chosen = [app.pooled[(11 * i + j * 37) % N_POOLED] for j in range(3)]
+        return app.post("/v1/completions", {"prompt": f"A long story about place {i}", "max_tokens": 24,
+                                            "temperature": 0, "ignore_eos": True, "perspectives": chosen})  # fmt: skip
+
+    with ThreadPoolExecutor(8) as workers:
+        futures = [workers.submit(one, i) for i in range(8)]
+        first_seen: dict[str, int] = {}  # replica -> its batch count when it first held this load's sessions
+        victim = None
+        deadline = time.monotonic() + 60
+        while victim is None:
+            assert time.monotonic() < deadline and not all(f.done() for f in futures), "no replica held a session"
+            st = pool.stats.remote().result(timeout_s=60)
+            if st["sessions"] > baseline[st["replica"]]:
+                seen = first_seen.setdefault(st["replica"], st["batches"])
+                if st["batches"] >= seen + 3:
+                    victim, held = st["replica"], st["sessions"] - baseline[st["replica"]]
+        ray.kill(ray.get_actor(actors[victim], namespace="serve"), no_restart=True)
+        unfinished = sum(not f.done() for f in futures)
+        answers = [f.result() for f in futures]
+    print(f"killed pool replica {victim} holding {held} sessions; {unfinished} of 8 requests unfinished")
+    assert [r.status_code for r in answers] == [200] * 8, [r.text[:300] for r in answers if r.status_code != 200]
+    bodies = [r.json() for r in answers]
+    assert [b["usage"]["completion_tokens"] for b in bodies] == [24] * 8
+    assert all(b["choices"][0]["finish_reason"] == "length" for b in bodies)
+    replays = [b["pluristeer"]["replays"] for b in bodies]
+    assert sum(r > 0 for r in replays) >= 1, f"no request replayed ({replays}): the kill hit no live session"
+    waited = _wait("the pool back at 2 healthy replicas", lambda: _pool_healthy(2) and len(_pool_actors()) == 2, 60)
+    assert victim not in _pool_actors()
+    print(f"replays per request {replays}; the pool was back at 2 replicas {waited:.1f} s after the last answer")
