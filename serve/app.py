@@ -93,6 +93,9 @@ def resolve(cfg: ServeConfig) -> tuple[list[str], list[str]]:
             raise ConfigError(f"{field_name}: {missing} are not in {cfg.vectors} (it has {vs.perspectives})")
     own = list(cfg.perspectives or ([] if cfg.pool else vs.perspectives))
     pooled = [p for p in vs.perspectives if p not in own] if cfg.pool == [ALL] else list(cfg.pool)
+    if cfg.pool and not pooled:  # the pool's deployment would not exist, and a Serve config naming it fails
+        raise ConfigError(f"pool: ['*'] leaves the pool nothing: every perspective of {cfg.vectors} has its own "
+                          "deployment (perspectives); drop pool or list fewer perspectives")  # fmt: skip
     if len(own) > cfg.max_perspectives:
         raise ConfigError(
             f"perspectives: {len(own)} with their own deployment, above max_perspectives={cfg.max_perspectives}: "

@@ -98,7 +98,6 @@ AUTOSCALE = {  # small delays and a short look-back so the test is bounded
 
 @pytest.fixture(scope="module")
 def app(tiny_lm_dir: Path, tmp_path_factory) -> Iterator[App]:
-    import ray
     from ray import serve
 
     from common.registry import RegistryClient
@@ -234,6 +233,9 @@ def test_which_perspectives_the_pool_serves(app: App) -> None:
         resolve(ServeConfig.from_dict({**base, "pool": ["Atlantis"]}))
     with pytest.raises(ConfigError, match="serve the rest from the pool"):
         resolve(ServeConfig.from_dict(base))  # 120 deployments of their own: above max_perspectives
+    everyone = {**base, "max_perspectives": 200, "perspectives": [BUSY, IDLE, *app.pooled], "pool": ["*"]}
+    with pytest.raises(ConfigError, match=r"pool: \['\*'\] leaves the pool nothing"):
+        resolve(ServeConfig.from_dict(everyone))
 
 
 @pytest.mark.hostile
