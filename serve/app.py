@@ -30,7 +30,7 @@ from common.raycluster import init_ray
 from common.registry import RegistryClient, RegistryError, parse_key
 from serve.aggregator import PluralAggregator
 from serve.auth import KeyRing
-from serve.config import AGGREGATOR, ALL, BASE, FUSED, POOL, ServeConfig, perspective_deployment
+from serve.config import AGGREGATOR, ALL, BASE, FUSED, POOL, REPLICA_FIELDS, ServeConfig, perspective_deployment
 from serve.replicas import BaseModel, FusedPlural, PerspectiveModel, PerspectivePool
 from serve.routing import ROUTER_PATH
 
@@ -137,10 +137,11 @@ def build(cfg: ServeConfig, perspectives: list[str] | None = None, pooled: list[
     spec["vectors_file"] = None  # published above: replicas read the registry
     if cfg.registry_dir is None:
         spec["registry_dir"] = str(RegistryClient(None, address=cfg.ray_address).root)
+    replica = {k: spec[k] for k in REPLICA_FIELDS}  # the model replicas get their part only
 
     def bind(deployment: Any, name: str, *args: Any) -> Any:
         options = _options(cfg, name)
-        return deployment.options(name=name, **options).bind(spec, *args, threads=cfg.threads_for(options))
+        return deployment.options(name=name, **options).bind(replica, *args, threads=cfg.threads_for(options))
 
     replicas: dict[str, Any] = {}
     base = fused = pool = None

@@ -25,6 +25,7 @@ replica holds the model, the SAE and the whole VectorSet (a few KB per perspecti
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
@@ -77,14 +78,12 @@ def perspective_deployment(perspective: str) -> str:
 
 
 @dataclass
-class ServeConfig(StageConfig, RaySection):
-    """Settings of ``pluristeer serve`` (YAML + ``--set field=value``)."""
+class ReplicaConfig(StageConfig, RaySection):
+    """What a model replica (``BaseModel``, ``PerspectiveModel``, ``PerspectivePool``, ``FusedPlural``) is
+    given: the model, the vectors, the steering and the batching. :class:`ServeConfig` adds the topology,
+    the default decoding and the API, which only the aggregator and ``pluristeer serve`` read."""
 
-    # what is served
     vectors: str = ""  # registry key of the VectorSet: name, name@latest (follows new versions) or name@N
-    vectors_file: PathOrURI | None = None  # publish this VectorSet file as `vectors` first (if it is not the latest)
-    perspectives: list[str] = field(default_factory=list)  # own deployments (default: all of the set, none with pool)
-    pool: list[str] = field(default_factory=list)  # served by PerspectivePool instead; ["*"]: all the rest of the set
     model: str = "embedded"
     sae: PathOrURI | None = None  # default: the SAE path the vector set records
     dtype: ComputeDtype = "float32"
@@ -97,6 +96,30 @@ class ServeConfig(StageConfig, RaySection):
     keep_error: bool = True
     steer_decode: bool = True
     from_position: NonNegInt = 0
+    # batching and sessions
+    max_batch_rows: Count = 32  # rows in one forward (continuous batching)
+    max_batch_tokens: Count = 8192  # padded tokens in one replay forward
+    # longest wait for the last batch's sessions to be back (serve/batcher.py)
+    batch_gather_s: Annotated[float, Field(ge=0, le=1, description="seconds; 0: no wait")] = 0.1
+    max_sessions: NonNegInt = 64  # KV caches kept per replica (LRU; one per session and perspective)
+    session_ttl_s: Positive = 300.0
+
+    def validate(self) -> None:
+        check(bool(self.vectors.strip()), "vectors: a registry name is required")
+
+
+REPLICA_FIELDS = tuple(f.name for f in dataclasses.fields(ReplicaConfig))
+
+
+@dataclass
+class ServeConfig(ReplicaConfig):
+    """Settings of ``pluristeer serve`` (YAML + ``--set field=value``): the replicas' (:class:`ReplicaConfig`)
+    and these."""
+
+    # what is served
+    vectors_file: PathOrURI | None = None  # publish this VectorSet file as `vectors` first (if it is not the latest)
+    perspectives: list[str] = field(default_factory=list)  # own deployments (default: all of the set, none with pool)
+    pool: list[str] = field(default_factory=list)  # served by PerspectivePool instead; ["*"]: all the rest of the set
     # default decoding (a request's `decoding` overrides it)
     decoding_mode: Literal["mean", "cad", "dvd"] = "dvd"
     alpha: NonNegFloat = 0.2
@@ -117,13 +140,6 @@ class ServeConfig(StageConfig, RaySection):
     max_ongoing_requests: Count = 64
     deployments: dict[str, Any] = field(default_factory=dict)  # per-deployment Serve options (module docstring)
     torch_threads: Annotated[int, Field(ge=0, description="0: from num_cpus")] = 0  # per model replica
-    # replicas
-    max_batch_rows: Count = 32  # rows in one forward (continuous batching)
-    max_batch_tokens: Count = 8192  # padded tokens in one replay forward
-    # longest wait for the last batch's sessions to be back (serve/batcher.py)
-    batch_gather_s: Annotated[float, Field(ge=0, le=1, description="seconds; 0: no wait")] = 0.1
-    max_sessions: NonNegInt = 64  # KV caches kept per replica (LRU)
-    session_ttl_s: Positive = 300.0
     session_affinity: bool = True  # route a session's steps to the replica holding its cache
     # the API
     auth: bool = True  # bearer keys on everything but /healthz
@@ -231,6 +247,8 @@ __all__ = [
     "FUSED",
     "PERSPECTIVE",
     "POOL",
+    "REPLICA_FIELDS",
+    "ReplicaConfig",
     "ServeConfig",
     "perspective_deployment",
     "slug",

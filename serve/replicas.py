@@ -27,7 +27,7 @@ from sae.lm import load_lm, resolve_device
 from sae.model import SparseAutoencoder
 from sae.vectorset import sae_fingerprint
 from serve.batcher import ContinuousBatcher
-from serve.config import BASE, FUSED, PERSPECTIVE, POOL, ServeConfig
+from serve.config import BASE, FUSED, PERSPECTIVE, POOL, ReplicaConfig
 from serve.engine import Row, RowOut, SessionCache, Steering, StepEngine, kv_layer_kinds
 from serve.fused import FusedEngine, self_check
 
@@ -64,7 +64,7 @@ class VectorSource:
     versions (polled every ``poll_s``), ``name@N`` stays at N. The SAE is ``sae_dir`` if given, else the
     one the set records (reloaded when a new version records another)."""
 
-    def __init__(self, cfg: ServeConfig, device: str) -> None:
+    def __init__(self, cfg: ReplicaConfig, device: str) -> None:
 
         self.cfg = cfg
         self.device = device
@@ -121,7 +121,7 @@ class ModelServer:
         threads: int = 1,
     ):
 
-        self.cfg = ServeConfig.from_dict(cfg)
+        self.cfg = ReplicaConfig.from_dict(cfg)
         torch.set_num_threads(max(1, threads))
         self.perspective = perspective
         self.fused = fused

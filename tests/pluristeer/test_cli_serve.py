@@ -32,7 +32,7 @@ def _env(**extra: str) -> dict[str, str]:
 def test_without_keys_or_vectors_it_says_what_to_set(tmp_path: Path) -> None:
     proc = subprocess.run([*CLI, "--set", "vectors=x"], capture_output=True, text=True, env=_env(), timeout=120)
     assert proc.returncode == 2 and "set PLURISTEER_API_KEYS" in proc.stderr and "Traceback" not in proc.stderr
-    proc = subprocess.run([*CLI, "--set", "port=0"], capture_output=True, text=True, env=_env(), timeout=120)
+    proc = subprocess.run([*CLI, "--set", "port=8123"], capture_output=True, text=True, env=_env(), timeout=120)
     assert proc.returncode == 2 and "vectors: a registry name is required" in proc.stderr
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -9,8 +10,8 @@ import yaml
 
 from cluster.manifests import serve_config_problems
 from common.config import ConfigError
-from serve.app import config_from_args, cpus_needed, deployment_names
-from serve.config import ALL, POOL, ServeConfig, perspective_deployment, slug
+from serve.app import build, config_from_args, cpus_needed, deployment_names
+from serve.config import ALL, POOL, REPLICA_FIELDS, ReplicaConfig, ServeConfig, perspective_deployment, slug
 from serve.replicas import PerspectivePool
 from tests.conftest import REPO
 
@@ -123,3 +124,20 @@ def test_app_args_take_a_config_file_and_overrides(tmp_path: Path) -> None:
     assert (cfg.max_tokens_limit, cfg.backend, cfg.perspectives, cfg.vectors) == (32, "fused", ["A", "B"], "1984")
     with pytest.raises(ConfigError, match="does not exist"):
         config_from_args({"config": str(tmp_path / "missing.yaml")})
+
+
+def test_model_replicas_are_given_their_part_of_the_config_only(tmp_path: Path) -> None:
+    """The aggregator gets the whole ServeConfig; BaseModel, PerspectiveModel-* and PerspectivePool only the
+    ReplicaConfig fields (model, vectors, steering, batching): no API limits, keys or topology."""
+    cfg = ServeConfig.from_dict({"vectors": "x", "registry_dir": str(tmp_path), "perspectives": ["a"], "pool": ["b"]})
+    aggregator = build(cfg, ["a"], ["b"])._bound_deployment
+    spec, _, replicas, base, _, pool, _ = aggregator.init_args
+    assert set(spec) == {f.name for f in dataclasses.fields(ServeConfig)}
+    bound = [base, pool, *replicas.values()]
+    assert [b._bound_deployment.name for b in bound] == ["BaseModel", "PerspectivePool", "PerspectiveModel-a"]
+    for b in bound:
+        given = b._bound_deployment.init_args[0]
+        assert set(given) == set(REPLICA_FIELDS) and "max_tokens_limit" not in given
+        assert ReplicaConfig.from_dict(given).vectors == "x"
+    with pytest.raises(ConfigError, match=r"unknown field\(s\) \['max_tokens_limit'\]"):
+        ReplicaConfig.from_dict({"vectors": "x", "max_tokens_limit": 3})
