@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+
+from pipelines.store import ActivationStore, read_shard_table
+from sae import storage
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -158,8 +163,6 @@ def synthetic_store(
 ) -> Path:
     """A complete activation store of sparse synthetic activations: each row is a few of ``n_features``
     random unit directions with exponential weights, plus an offset and noise (for SAE training tests)."""
-    import numpy as np
-
     from pipelines.store import Manifest, RunningStats, StoreWriter, write_shard
 
     rng = np.random.default_rng(seed)
@@ -182,6 +185,19 @@ def synthetic_store(
         stats.update(x)
     writer.finalize({str(layer): stats.to_dict()}, {"synthetic": True})
     return root
+
+
+def content_hash(root: storage.Location) -> str:
+    """sha256 over every column of every shard of the complete store at ``root`` (a path or a URI), in shard
+    order: equal for equal contents whatever the Parquet file bytes."""
+    digest = hashlib.sha256()
+    for shard in ActivationStore(root).manifest.shards:
+        table = read_shard_table(storage.join(root, shard.name))
+        for name in sorted(table.column_names):
+            column = table.column(name).combine_chunks()
+            values = column.values if hasattr(column, "values") else column
+            digest.update(name.encode() + np.ascontiguousarray(values.to_numpy(zero_copy_only=False)).tobytes())
+    return digest.hexdigest()
 
 
 @pytest.fixture(scope="session")

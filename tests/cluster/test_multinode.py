@@ -4,23 +4,34 @@ worker nodes and checked against the same stage confined to one node. Tiny rando
 
 The spread runs keep every artifact on a real S3 server (moto, tests/s3_server.py) — the store, Ray Train's
 checkpoints, the SAE directory and the registry's durable copy, so the nodes share no path — and the
-single-node runs keep theirs on local disk: the equalities below also compare object storage with disk."""
+single-node runs keep theirs on local disk: the equalities below also compare object storage with disk.
+
+No shared disk: every node gets its own working directory (its raylet, and so every worker it starts, runs
+there), its own ``TMPDIR``, ``PLURISTEER_CACHE`` and Ray temp dir, and the driver its own working directory
+and temp dir, so a relative or temp path written on one node names nothing on another; the last test checks
+that and that none of the spread runs' artifacts landed on any of those disks, only in the bucket."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
+import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
+import psutil
+import pyarrow.fs as pafs
 import pytest
 import ray
 import ray.data
 import torch
 from ray import serve
+from ray._private import ray_constants
 from ray.cluster_utils import Cluster
 
 from common.config import ConfigError
@@ -45,6 +56,8 @@ class Nodes:
     head: str
     a: str
     b: str
+    disks: dict[str, Path] = field(default_factory=dict)  # "driver", "head", "a", "b" -> that one's own disk
+    raylets: dict[str, int] = field(default_factory=dict)  # "head", "a", "b" -> the pid of its raylet
 
 
 def _free_port() -> int:
@@ -53,34 +66,63 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _disk(root: Path, name: str) -> Path:
+    """``root/name`` with ``cwd``, ``tmp`` and ``cache``: one node's (or the driver's) own local disk."""
+    for sub in ("cwd", "tmp", "cache"):
+        (root / name / sub).mkdir(parents=True)
+    return root / name
+
+
+def _node_env(disk: Path) -> dict[str, str]:
+    return {"TMPDIR": str(disk / "tmp"), "PLURISTEER_CACHE": str(disk / "cache")}
+
+
 @pytest.fixture(scope="module")
-def cluster(s3_server):
+def cluster(s3_server, tmp_path_factory):
     patch = pytest.MonkeyPatch()
     patch.setenv("PLURISTEER_API_KEYS", KEY)  # before the nodes start: serve replicas inherit it
     for key, value in s3_server.env.items():  # and the S3 endpoint and credentials, as pods get them from a Secret
         patch.setenv(key, value)
     if ray.is_initialized():
         ray.shutdown()
+    root = tmp_path_factory.mktemp("multinode-disks")
+    disks = {name: _disk(root, name) for name in ("driver", "head", "a", "b")}
+    # Ray's own temp dirs, one per node, short (a session's unix sockets live there: paths of <= 107 bytes)
+    ray_tmp = {name: tempfile.mkdtemp(prefix=f"pluristeer-{name}-", dir="/tmp") for name in ("head", "a", "b")}
+    own = {name: {"env_vars": _node_env(disks[name]), "temp_dir": ray_tmp[name]} for name in ray_tmp}
     t0 = time.perf_counter()
-    # no dashboard: Ray Train's placement-group cleaner then finds no State API and leaves the workers alone
-    # (with one, it may ask another Ray's dashboard on this shared machine, see the controller alive nowhere
-    # and remove the run's placement group)
+    # A node's raylet (and so every worker it starts) runs in the directory the driver is in when it adds the
+    # node: each node its own. No dashboard: Ray Train's placement-group cleaner then finds no State API and
+    # leaves the workers alone (with one, it may ask another Ray's dashboard on this shared machine, see the
+    # controller alive nowhere and remove the run's placement group)
+    patch.chdir(disks["head"] / "cwd")
     c = Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": 1, "resources": {"head": 1}, "include_dashboard": False},
+        head_node_args={"num_cpus": 1, "resources": {"head": 1}, "include_dashboard": False, **own["head"]},
     )
-    a = c.add_node(num_cpus=1, resources={"node_a": 1, "slot": 1})
-    b = c.add_node(num_cpus=1, resources={"node_b": 1, "slot": 1})
+    patch.chdir(disks["a"] / "cwd")
+    a = c.add_node(num_cpus=1, resources={"node_a": 1, "slot": 1}, **own["a"])
+    patch.chdir(disks["b"] / "cwd")
+    b = c.add_node(num_cpus=1, resources={"node_b": 1, "slot": 1}, **own["b"])
+    patch.chdir(disks["driver"] / "cwd")  # the driver's own: a relative path it writes is nowhere else
+    patch.setenv("TMPDIR", str(disks["driver"] / "tmp"))
+    patch.setattr(tempfile, "tempdir", str(disks["driver"] / "tmp"))  # the driver's uploads stage their files here
     c.wait_for_nodes()
     ray.init(address=c.address, log_to_driver=False)
     print(f"3-node cluster up in {time.perf_counter() - t0:.1f} s")
+    raylets = {
+        name: node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+        for name, node in (("head", c.head_node), ("a", a), ("b", b))
+    }
     try:
-        yield Nodes(c.address, c.head_node.node_id, a.node_id, b.node_id)
+        yield Nodes(c.address, c.head_node.node_id, a.node_id, b.node_id, disks, raylets)
     finally:
         serve.shutdown()
         ray.shutdown()
         c.shutdown()
         patch.undo()
+        for path in ray_tmp.values():
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _collect_cfg(tiny_lm_dir: Path, data_root: Path, out: Path | str, address: str, **kw: Any) -> CollectConfig:
@@ -233,6 +275,85 @@ def test_serve_replicas_on_two_nodes_answer_like_offline_decoding(
     assert choice["text"] == offline.texts[0]
     first = {p: v[0]["logprob"] for p, v in choice["distributions"][0]["perspectives"].items()}
     assert set(first) == {"a", "b"}
+
+
+@ray.remote(num_cpus=0)
+class Where:
+    """A process on one node: where it runs, and a file by a relative path written or read there."""
+
+    def where(self) -> dict[str, Any]:
+        return {
+            "node": ray.get_runtime_context().get_node_id(),
+            "cwd": os.getcwd(),
+            "tmp": tempfile.gettempdir(),
+            "cache": os.environ.get("PLURISTEER_CACHE"),
+        }
+
+    def write(self, relative: str, text: str) -> str:
+        Path(relative).write_text(text)
+        return str(Path(relative).resolve())
+
+    def read(self, relative: str) -> str | None:
+        return Path(relative).read_text() if Path(relative).exists() else None
+
+    def remove(self, relative: str) -> None:
+        Path(relative).unlink()
+
+
+def test_nodes_share_no_disk_and_the_artifacts_live_only_in_the_bucket(
+    cluster: Nodes, bucket: str, s3_server, stores, trained
+) -> None:
+    """After the spread runs above (collect, train and, run in order, serve): each node has its own working
+    directory, temp dir and cache; a relative path written on one node is absent on the others; every live
+    process of a node runs in that node's directory; and the spread runs' artifacts are in the bucket and
+    on no node's disk, nor the driver's."""
+    node_ids = {"head": cluster.head, "a": cluster.a, "b": cluster.b}
+    pins = {"head": {"head": 0.01}, "a": {"node_a": 0.01}, "b": {"node_b": 0.01}}
+    actors = {name: Where.options(resources=pin).remote() for name, pin in pins.items()}
+    seen = {name: ray.get(actor.where.remote()) for name, actor in actors.items()}
+    for name, where in seen.items():
+        disk = cluster.disks[name]
+        assert where == {
+            "node": node_ids[name], "cwd": str(disk / "cwd"), "tmp": str(disk / "tmp"), "cache": str(disk / "cache"),
+        }  # fmt: skip
+    assert os.getcwd() == str(cluster.disks["driver"] / "cwd") and tempfile.gettempdir() == str(
+        cluster.disks["driver"] / "tmp"
+    )
+    assert len({where["cwd"] for where in seen.values()} | {os.getcwd()}) == 4  # four working directories
+
+    probe = "relative-probe.txt"
+    assert ray.get(actors["a"].write.remote(probe, "written on node a")) == str(cluster.disks["a"] / "cwd" / probe)
+    try:
+        assert ray.get(actors["a"].read.remote(probe)) == "written on node a"
+        assert ray.get(actors["b"].read.remote(probe)) is None  # the same relative path, another node: nothing
+        assert ray.get(actors["head"].read.remote(probe)) is None and not Path(probe).exists()
+    finally:
+        ray.get(actors["a"].remove.remote(probe))
+    for actor in actors.values():
+        ray.kill(actor)
+
+    for name, pid in cluster.raylets.items():  # the raylet and everything it started: workers, replicas, agents
+        raylet = psutil.Process(pid)
+        cwds = {}
+        for proc in [raylet, *raylet.children(recursive=True)]:
+            try:
+                cwds[proc.pid] = proc.cwd()
+            except psutil.NoSuchProcess:  # a worker that exited meanwhile
+                continue
+        assert len(cwds) > 1 and set(cwds.values()) == {str(cluster.disks[name] / "cwd")}, (name, cwds)
+
+    fs = s3_server.filesystem()
+    selector = pafs.FileSelector(bucket.removeprefix("s3://"), recursive=True)
+    objects = [info.path for info in fs.get_file_info(selector) if info.type == pafs.FileType.File]
+    names = {Path(o).name for o in objects}
+    assert {"manifest.json", "shard-00000.parquet", "cfg.json", "sae_weights.safetensors", "training.json"} <= names
+    assert any("/stores/spread/" in o for o in objects) and any("/train/spread/ray/" in o for o in objects)
+    on_disks = [path for disk in cluster.disks.values() for path in disk.rglob("*")]
+    strays = [p for p in on_disks if p.name in names or p.name.startswith(("pluristeer-put-", "pluristeer-get-"))]
+    assert strays == [], strays  # no artifact and no upload's staging file left on any node's disk
+    for name, disk in cluster.disks.items():
+        assert list((disk / "cwd").rglob("*")) == [], name  # nothing written by a relative path anywhere
+    print(f"{len(objects)} objects in {bucket}; on the nodes' own disks: {[str(p) for p in on_disks]}")
 
 
 def test_worker_resources_and_placement_are_checked(tmp_path: Path) -> None:

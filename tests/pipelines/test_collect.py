@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import subprocess
@@ -25,6 +24,7 @@ from pipelines.records import DataError
 from pipelines.store import ActivationStore, StoreError, read_manifest
 from sae.hooks import residuals
 from sae.lm import load_lm, load_tokenizer
+from tests.conftest import content_hash
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -62,19 +62,6 @@ def _by_position(store: ActivationStore, layer: int) -> dict[tuple[int, int], np
     acts = store.read(layer).numpy()
     keys = zip(store.read_column("context").tolist(), store.read_column("position").tolist(), strict=True)
     return {k: acts[i] for i, k in enumerate(keys)}
-
-
-def content_hash(root: Path) -> str:
-    """sha256 over every column of every shard, in shard order (file-format independent)."""
-    digest = hashlib.sha256()
-    store = ActivationStore(root)
-    for shard in store.manifest.shards:
-        table = pq.read_table(root / shard.name)
-        for name in sorted(table.column_names):
-            column = table.column(name).combine_chunks()
-            values = column.values if hasattr(column, "values") else column
-            digest.update(name.encode() + np.ascontiguousarray(values.to_numpy(zero_copy_only=False)).tobytes())
-    return digest.hexdigest()
 
 
 def test_contexts_are_packed_deterministically() -> None:
