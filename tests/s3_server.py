@@ -91,15 +91,15 @@ class S3Server:
                 time.sleep(0.2)
 
     def stop(self) -> None:
-        """End the server this object started (by its pid), and nothing else."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.kill(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
+        """End the server this object started (by its pid), and nothing else; its log goes with it."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        self.log.unlink(missing_ok=True)
 
     def filesystem(self) -> pafs.S3FileSystem:
         """A pyarrow client of this server that may create buckets (pluristeer's own never does)."""
