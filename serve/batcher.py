@@ -56,6 +56,7 @@ class ContinuousBatcher(Generic[T, R]):
         self.items = 0
         self.rows = 0
         self.gathered_s = 0.0  # time batches waited for the previous batch's sessions, in all
+        self.busy_s = 0.0  # time ``fn`` ran, in all (busy_s / wall time: how loaded the replica is)
 
     async def submit(self, item: T) -> R:
         loop = asyncio.get_running_loop()
@@ -135,6 +136,7 @@ class ContinuousBatcher(Generic[T, R]):
                 continue
             finally:  # the live rows: this batch's (they come back) and those that queued meanwhile
                 self._last_rows, self._last_s = rows + self._queued_rows(), time.perf_counter() - started
+                self.busy_s += self._last_s
             for (_, future), result in zip(batch, results, strict=True):
                 _settle(future, result=result)
 

@@ -13,6 +13,11 @@ Each call of :meth:`StepEngine.step` answers every row with the logits after its
 
 Rows run as few batched forwards: all one-token decode rows together (their caches left-padded to one
 length), and the replays together. Sessions live in a :class:`SessionCache` (LRU, bounded, with a TTL).
+
+A decode step of exactly the sessions of the previous batched forward, in its order, runs on that
+forward's batched cache as it is (its attention mask extended by one column): no per-step copy of every
+session's keys and values into a new padded cache. A session's entry is a view into that cache (copied
+only where its tokens are not one contiguous run), so any other batch can still be assembled from it.
 """
 
 from __future__ import annotations
@@ -76,6 +81,16 @@ class _Entry:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+
+@dataclass
+class _Batch:
+    """The last batched forward: its transformers cache ``[rows, kv_heads, T, head_dim]`` per layer, its
+    attention mask ``[rows, T]`` and the entry each row stored (in row order)."""
+
+    cache: Any
+    mask: torch.Tensor
+    entries: tuple[_Entry, ...]
 
 
 class SessionCache:
@@ -235,6 +250,8 @@ class StepEngine(EngineBase):
         # then spans at most window - 1 cache slots, so no padding of a batch can push a key out of a window
         # that its true distance keeps it in (and the model's own sliding layers never crop what we slice).
         self.window = sliding_window(model)
+        self._batch: _Batch | None = None  # the last batched forward, for the next step of the same sessions
+        self.counters["batch_reused"] = 0
 
     # -- steering ------------------------------------------------------------------------------------
     def _current(self) -> Steering | None:
@@ -314,6 +331,8 @@ class StepEngine(EngineBase):
     def _run(self, chunk: list[tuple[int, Row, _Entry | None, list[int]]], out: list, s, version) -> None:
         """One forward over ``chunk``: row b is ``[pad][its cached past][pad][its new tokens]``, the past
         left-padded to the longest past ``P``, the new tokens left-padded to the longest ``N``."""
+        last, self._batch = self._batch, None
+        chunk, sticky = _in_batch_order(chunk, last)
         b_size = len(chunk)
         pasts = [0 if e is None else len(e.ids) for _, _, e, _ in chunk]
         news = [len(n) for _, _, _, n in chunk]
@@ -330,6 +349,10 @@ class StepEngine(EngineBase):
         reused = b_size == 1 and chunk[0][2] is not None and chunk[0][2].cache is not None
         if reused:  # one session alone: its own cache object, no copy (the forward appends to it)
             cache = chunk[0][2].cache  # type: ignore[union-attr]
+        elif sticky:  # the previous batch's sessions again, in its order: its cache as is (module docstring)
+            cache = last.cache  # type: ignore[union-attr]
+            mask = torch.cat([last.mask, torch.ones(b_size, 1, dtype=mask.dtype)], dim=1)  # type: ignore[union-attr]
+            self.counters["batch_reused"] += 1
         elif P > 0:
             from transformers import DynamicCache
 
@@ -357,30 +380,49 @@ class StepEngine(EngineBase):
                     use_cache=True,
                 )
         except BaseException:
-            if reused:  # the cache may hold part of this step now
-                self.cache.drop(chunk[0][1].key)  # type: ignore[arg-type]
+            if reused or sticky:  # the cache may hold part of this step now
+                for _, row, _, _ in chunk:
+                    if row.key is not None:
+                        self.cache.drop(row.key)
             raise
         logits = result.logits[:, -1].float().cpu()
         kv_cache = result.past_key_values
         cacheable = _sliceable_kv_layers(kv_cache, self.window)
         self.counters["forwards"] += 1
         self.counters["tokens"] += sum(news)
+        stored: list[_Entry] = []
+        width = mask.shape[1]
         for b, ((i, row, _, _), p, n) in enumerate(zip(chunk, pasts, news, strict=True)):
             out[i] = RowOut(logits[b].numpy(), n, p > 0)
             if row.key is None or not cacheable or (self.window is not None and p + n > self.window - 2):
                 continue
-            if p == P and n == N:
-                keep = None
-            else:
-                keep = torch.cat([torch.arange(P - p, P), torch.arange(P + N - n, P + N)]).to(self.device)
+            start = width - (p + n)  # the row's tokens are the last p + n slots, unless padding splits them
+            keep = None if bool(mask[b, start:].all()) else mask[b].nonzero().squeeze(1).to(self.device)
             keys, values = [], []
             for layer in kv_cache.layers:
                 k, v = layer.keys[b], layer.values[b]
-                keys.append(k if keep is None else k.index_select(-2, keep))
-                values.append(v if keep is None else v.index_select(-2, keep))
+                keys.append(k[:, start:] if keep is None else k.index_select(-2, keep))
+                values.append(v[:, start:] if keep is None else v.index_select(-2, keep))
             own = kv_cache if b_size == 1 else None
             entry = _Entry(tuple(row.ids), keys, values, logits[b], version, row.perspective, time.monotonic(), own)
             self.cache.put(row.key, entry)
+            stored.append(entry)
+        if b_size > 1 and len(stored) == b_size and self.window is None:
+            self._batch = _Batch(kv_cache, mask, tuple(stored))
+
+
+def _in_batch_order(chunk: list, last: _Batch | None) -> tuple[list, bool]:
+    """``(chunk, True)`` in ``last``'s row order when ``chunk`` is one decode token for each of exactly the
+    sessions ``last`` stored (in any order: they come back from the batcher as they arrive), else as given."""
+    if last is None or len(chunk) < 2 or len(chunk) != len(last.entries):
+        return chunk, False
+    order = {id(e): j for j, e in enumerate(last.entries)}
+    if any(e is None or id(e) not in order or len(n) != 1 for _, _, e, n in chunk):
+        return chunk, False
+    ranked = sorted(chunk, key=lambda r: order[id(r[2])])
+    if any(r[2] is not e for r, e in zip(ranked, last.entries, strict=True)):  # a session listed twice
+        return chunk, False
+    return ranked, True
 
 
 __all__ = ["EngineBase", "Row", "RowOut", "SessionCache", "Steering", "StepEngine", "kv_layer_kinds", "sliding_window"]

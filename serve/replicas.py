@@ -255,6 +255,7 @@ class ModelServer:
             "batched_items": self.batcher.items,
             "batched_rows": self.batcher.rows,
             "gathered_s": self.batcher.gathered_s,
+            "busy_s": self.batcher.busy_s,
             **self.engine.counters,
         }
 

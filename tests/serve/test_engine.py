@@ -54,6 +54,7 @@ def test_cached_steps_equal_the_fused_offline_generation(embedded, embedded_sae,
         torch.testing.assert_close(scores, offline.scores[0, step], atol=1e-4, rtol=1e-4)
         tokens.append(int(scores.argmax()))
     assert tokens == offline.tokens[0][:5]
+    assert engine.counters["batch_reused"] == 4  # every decode step ran on the previous step's batched cache
     again = engine.step([Row("s/a", ids + tokens[:-1], "a")])[0]  # a retried step: answered from the cache
     assert again.ran == 0 and again.hit
     assert len(engine.cache) == 4 and engine.cache.nbytes() > 0
@@ -94,6 +95,46 @@ def test_concurrent_sessions_of_different_lengths_share_one_forward(embedded, em
     assert engine.counters["forwards"] == forwards + 1 and [o.ran for o in outs] == [1, 1]
     for out, want in zip(outs, alone, strict=True):
         torch.testing.assert_close(torch.from_numpy(out.logits), torch.from_numpy(want), atol=2e-4, rtol=0)
+
+
+def test_a_batch_of_the_same_sessions_reuses_its_cache_and_any_other_batch_is_assembled(
+    embedded, embedded_sae, one_thread
+) -> None:
+    """Padding inside a row (two cached sessions extended by 2 and 3 tokens in one forward), then decode steps
+    on that padded batched cache as is, then one session alone and a new pair: every answer equals the row run
+    alone, uncached."""
+    model, tok = embedded
+    sae = embedded_sae.sae
+    steering = Steering(_set(model, sae), 1, sae)
+    engine = StepEngine(model, steering=lambda: steering, pad_id=tok.pad_token_id)
+    x, y = _ids(tok, "Hi."), _ids(tok, "Tell me something surprising about octopuses.")
+
+    def alone(ids: list[int], p: str | None) -> torch.Tensor:
+        return torch.from_numpy(engine_fresh.step([Row(None, ids, p)])[0].logits)
+
+    engine_fresh = StepEngine(model, steering=lambda: steering, pad_id=tok.pad_token_id)
+    engine.step([Row("x", x, "a"), Row("y", y, None)])
+    x, y = [*x, 11, 12], [*y, 21, 22, 23]  # one forward, N = 3: x's two new tokens are padded inside its row
+    steps = [[Row("x", x, "a"), Row("y", y, None)]]
+    for t in range(3):  # the sessions come back in any order
+        x, y = [*x, 30 + t], [*y, 40 + t]
+        steps.append([Row("x", x, "a"), Row("y", y, None)][:: 1 if t % 2 else -1])
+    for rows in steps:
+        for out, row in zip(engine.step(rows), rows, strict=True):
+            torch.testing.assert_close(torch.from_numpy(out.logits), alone(list(row.ids), row.perspective),
+                                       atol=2e-4, rtol=0)  # fmt: skip
+    assert engine.counters["batch_reused"] == 3
+    (solo,) = engine.step([Row("x", [*x, 50], "a")])  # y finished: x alone, assembled from its entry
+    assert solo.ran == 1 and solo.hit
+    torch.testing.assert_close(torch.from_numpy(solo.logits), alone([*x, 50], "a"), atol=2e-4, rtol=0)
+    z = _ids(tok, "Count to three.")
+    engine.step([Row("z", z, "b")])
+    pair = [Row("x", [*x, 50, 51], "a"), Row("z", [*z, 60], "b")]  # not the last batch's sessions: assembled
+    for out, row in zip(engine.step(pair), pair, strict=True):
+        assert out.ran == 1
+        torch.testing.assert_close(torch.from_numpy(out.logits), alone(list(row.ids), row.perspective),
+                                   atol=2e-4, rtol=0)  # fmt: skip
+    assert engine.counters["batch_reused"] == 3
 
 
 def test_a_sliding_window_model_keeps_sessions_within_the_window_and_replays_beyond(one_thread) -> None:
