@@ -14,10 +14,12 @@ Each call of :meth:`StepEngine.step` answers every row with the logits after its
 Rows run as few batched forwards: all one-token decode rows together (their caches left-padded to one
 length), and the replays together. Sessions live in a :class:`SessionCache` (LRU, bounded, with a TTL).
 
-A decode step of exactly the sessions of the previous batched forward, in its order, runs on that
-forward's batched cache as it is (its attention mask extended by one column): no per-step copy of every
-session's keys and values into a new padded cache. A session's entry is a view into that cache (copied
-only where its tokens are not one contiguous run), so any other batch can still be assembled from it.
+A decode step of exactly the sessions of the previous batched forward (in whatever order they come back)
+runs on that forward's batched cache as it is, its rows put back in the cache's order and its attention
+mask extended by one column: no per-step copy of every session's keys and values into a new padded cache.
+A session's entry is a view into that cache (copied only where its tokens are not one contiguous run), so
+any other batch can still be assembled from it. The engine holds the last batch's cache until its next
+forward (at most one batch of keys and values beyond what the session cache counts).
 """
 
 from __future__ import annotations
@@ -349,7 +351,7 @@ class StepEngine(EngineBase):
         reused = b_size == 1 and chunk[0][2] is not None and chunk[0][2].cache is not None
         if reused:  # one session alone: its own cache object, no copy (the forward appends to it)
             cache = chunk[0][2].cache  # type: ignore[union-attr]
-        elif sticky:  # the previous batch's sessions again, in its order: its cache as is (module docstring)
+        elif sticky:  # the previous batch's sessions again, put in its order: its cache as is (module docstring)
             cache = last.cache  # type: ignore[union-attr]
             mask = torch.cat([last.mask, torch.ones(b_size, 1, dtype=mask.dtype)], dim=1)  # type: ignore[union-attr]
             self.counters["batch_reused"] += 1
@@ -380,10 +382,8 @@ class StepEngine(EngineBase):
                     use_cache=True,
                 )
         except BaseException:
-            if reused or sticky:  # the cache may hold part of this step now
-                for _, row, _, _ in chunk:
-                    if row.key is not None:
-                        self.cache.drop(row.key)
+            if reused:  # the cache may hold part of this step now (a batch's entries are views of the old tensors)
+                self.cache.drop(chunk[0][1].key)  # type: ignore[arg-type]
             raise
         logits = result.logits[:, -1].float().cpu()
         kv_cache = result.past_key_values
