@@ -1,13 +1,14 @@
 """Typed stage configs: dataclasses validated by pydantic, loaded from YAML or dicts, overridden from the CLI.
 
 A stage config is a plain dataclass with a default for every field, subclassing :class:`StageConfig` and the
-shared sections it uses (:class:`RaySection`, :class:`ActorPool`, :class:`Tracking`). Each field's annotation is
-its contract, checked by pydantic (``extra="forbid"``, no NaN or infinity): a type (``int``, ``float``, ``str``,
-``bool``, :data:`PathOrURI`, ``Literal[...]``, ``list[...]``, ``dict[str, ...]``, ``X | None``) and range
-constraints (``Annotated[int, Field(ge=1)]``; :data:`Count`, :data:`NonNegInt`, :data:`Positive`,
-:data:`NonNegFloat`, :data:`Fraction`, :data:`Retries`). A constraint's ``description`` is the hint an error repeats
-(``"0: dense"``). What one field cannot say (relations between fields, files that must exist) is the
-config's own ``validate``.
+shared sections it uses (:class:`RaySection`, :class:`ActorPool`, :class:`Tracking`). Each field's annotation
+is its contract, checked by pydantic in strict mode (``extra="forbid"``, no NaN or infinity, no ``"3"`` for an
+``int``, no ``1`` for a ``bool``; only an integral float is read as an ``int`` and a number as a ``str``): a
+type (``int``, ``float``, ``str``, ``bool``, :data:`PathOrURI`, ``Literal[...]``, ``list[...]``,
+``dict[str, ...]``, ``X | None``) and range constraints (``Annotated[int, Field(ge=1)]``; :data:`Count`,
+:data:`NonNegInt`, :data:`Positive`, :data:`NonNegFloat`, :data:`Fraction`, :data:`Retries`). A constraint's
+``description`` is the hint an error repeats (``"0: dense"``). What one field cannot say (relations between
+fields, files that must exist) is the config's own ``validate``.
 
 Pydantic's errors are translated into one line per problem that names the file (or the class), the field and
 what is allowed: ``train.yaml: batch_size: must be >= 1, got 0``. From the command line (``--set``), a
@@ -21,12 +22,13 @@ import functools
 import types
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, ClassVar, Literal, Required, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
-from pydantic import BeforeValidator, ConfigDict, Field, PlainValidator, TypeAdapter, ValidationError
+from pydantic import BeforeValidator, ConfigDict, Field, PlainValidator, TypeAdapter, ValidationError, with_config
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
+from typing_extensions import TypedDict
 
 from sae.storage import is_uri
 
@@ -98,7 +100,6 @@ class StageConfig:
     ``RENAMED`` maps a field's old name to its new one: a config that still uses the old name gets an error
     saying so, not silence."""
 
-    __pydantic_config__ = ConfigDict(extra="forbid", allow_inf_nan=False, coerce_numbers_to_str=True)
     RENAMED: ClassVar[dict[str, str]] = {}
 
     def validate(self) -> None:
@@ -114,7 +115,7 @@ class StageConfig:
         for name in data.keys() & lists:
             data[name] = _as_list(data[name], f"{where}: {name}")
         try:
-            cfg = _adapter(cls).validate_python(data)
+            cfg = cls(**_adapter(cls).validate_python(data))
         except ValidationError as err:
             raise ConfigError(f"{where}: " + _explain(cls, err)) from None
         try:
@@ -174,9 +175,52 @@ def check(condition: bool, message: str) -> None:
 
 
 # -- pydantic's side -----------------------------------------------------------------------------------
+# Strict types (no "3" for an int, no 1 for a bool, no True for a number), no NaN or infinity, no unknown fields.
+_STRICT = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+
+
+def _integral(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value  # YAML's 1.0e6 for an int
+
+
+def _number_text(value: Any) -> Any:
+    return str(value) if isinstance(value, int | float) and not isinstance(value, bool) else value  # name: 2024
+
+
+def _yaml_type(tp: Any) -> Any:
+    """``tp`` with the conversions a YAML or ``--set`` value may need added to its ``int`` and ``str`` (and a
+    plain ``Path`` read as :data:`PathOrURI`)."""
+    origin, args = get_origin(tp), get_args(tp)
+    if tp is int:
+        return Annotated[int, BeforeValidator(_integral)]
+    if tp is str:
+        return Annotated[str, BeforeValidator(_number_text)]
+    if tp is Path:
+        return PathOrURI
+    if origin is Annotated:
+        if any(isinstance(m, PlainValidator) for m in tp.__metadata__):
+            return tp
+        return Annotated[(_yaml_type(args[0]), *tp.__metadata__)]  # type: ignore[return-value]
+    if origin in (Union, types.UnionType):
+        return Union[tuple(_yaml_type(a) for a in args)]  # noqa: UP007
+    if origin in (list, Sequence):
+        return list[_yaml_type(args[0])]  # type: ignore[misc]
+    if origin is dict:
+        return dict[args[0], _yaml_type(args[1])]  # type: ignore[misc]
+    return tp
+
+
 @functools.cache
 def _adapter(cls: type) -> TypeAdapter:
-    return TypeAdapter(cls)
+    """Strict validation of a mapping of ``cls``'s fields (the values ``cls(**...)`` is then built from)."""
+    hints = _hints(cls)
+    fields = {
+        f.name: _yaml_type(hints[f.name])
+        if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+        else Required[_yaml_type(hints[f.name])]
+        for f in dataclasses.fields(cls)
+    }
+    return TypeAdapter(with_config(_STRICT)(TypedDict(f"{cls.__name__}Fields", fields, total=False)))  # type: ignore[operator]
 
 
 @functools.cache

@@ -147,3 +147,22 @@ def test_dtype_names_are_the_models_and_aliases_read_as_them() -> None:
     assert set(get_args(get_args(ComputeDtype)[0])) == {str(t).removeprefix("torch.") for t in DTYPES.values()}
     cfg = CollectConfig.load(None, ["dtype=bf16", "store_dtype=fp16"])
     assert (cfg.dtype, cfg.store_dtype) == ("bfloat16", "float16")
+
+
+def test_values_keep_their_yaml_types() -> None:
+    """No lax conversions: a quoted number is not an int or a float, 1 and "yes" are not booleans, True is not
+    a number; only an integral float is an int (YAML's 1.0e6) and a number is a string (name: 2024)."""
+    for override, message in [
+        ('batch_size="32"', "batch_size: expected an integer, got '32'"),
+        ("batch_size=true", "batch_size: expected an integer, got True"),
+        ("shuffle=1", "shuffle: expected true or false, got 1"),
+        ('shuffle="yes"', "shuffle: expected true or false, got 'yes'"),
+        ('lr="0.1"', "lr: expected a number, got '0.1'"),
+        ("lr=true", "lr: expected a number, got True"),
+        ("model=true", "model: expected a string, got True"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            DemoConfig.load(None, [override])
+        assert message in str(err.value), (override, str(err.value))
+    cfg = DemoConfig.load(None, ["batch_size=64.0", "model=2024", "lr=2"])
+    assert (cfg.batch_size, cfg.model, cfg.lr) == (64, "2024", 2.0) and isinstance(cfg.batch_size, int)
