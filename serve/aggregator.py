@@ -169,7 +169,7 @@ class PluralAggregator:
             {p: replicas[p] for p in perspectives} if replicas else {}, base, fused,
             pool=pool, pooled=self.pooled,
             step_timeout_s=self.cfg.step_timeout_s, request_timeout_s=self.cfg.request_timeout_s,
-            metrics=self.metrics,
+            metrics=self.metrics, decode_on_replica=self.cfg.decode_on_replica,
         )  # fmt: skip
         self._served = frozenset(self.perspectives)
         self.backends = self.fanout.backends

@@ -141,6 +141,8 @@ class ServeConfig(ReplicaConfig):
     deployments: dict[str, Any] = field(default_factory=dict)  # per-deployment Serve options (module docstring)
     torch_threads: Annotated[int, Field(ge=0, description="0: from num_cpus")] = 0  # per model replica
     session_affinity: bool = True  # route a session's steps to the replica holding its cache
+    # a request one deployment answers alone (unsteered, one perspective, pooled, fused) decodes on its replica
+    decode_on_replica: bool = True  # false: every step is a round trip from the aggregator (serve/fanout.py)
     # the API
     auth: bool = True  # bearer keys on everything but /healthz
     api_keys_env: str = DEFAULT_API_KEYS_ENV  # comma-separated keys in this environment variable

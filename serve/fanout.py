@@ -2,22 +2,32 @@
 
 :class:`Fanout` holds the deployment handles — one per perspective with its own deployment, the shared
 ``PerspectivePool`` for the pooled ones, plus ``BaseModel`` (``replicas`` backend) and/or ``FusedPlural``
-(``fused``) — and runs one generation step by step:
+(``fused``) — and runs one generation:
 
-- every step fans out to the K perspectives' deployments (and ``BaseModel`` where the mode needs the
-  unsteered logits) concurrently — the pooled perspectives among the K as one ``step_rows`` call to the
-  pool, their rows one forward on one replica — or makes one ``step_rows`` call to ``FusedPlural``;
-- each call carries the session id, so the replica keeps the session's KV cache and Serve's router sends
-  the session's next step back to it (:mod:`serve.routing`);
+- a request that one deployment answers alone — unsteered (``BaseModel``), one perspective without the
+  unsteered row (its ``PerspectiveModel``), pooled perspectives only (``PerspectivePool``, the unsteered row
+  included) or the fused backend — runs whole on one of its replicas (``ModelServer.decode``, with
+  ``decode_on_replica``), its tokens streamed back: the replica's batcher gets each session's next step
+  as soon as the last forward ends, with no round trip, so concurrent sessions keep sharing its forwards. A
+  stream whose replica died or went silent goes on from its last token on the next replica, with the
+  sampler's state, so the tokens are those an unbroken run draws;
+- any other request (PD over perspectives on their own deployments) runs step by step here. Every step fans
+  out to the K perspectives' deployments (and ``BaseModel`` where the mode needs the unsteered logits)
+  concurrently — the pooled perspectives among the K as one ``step_rows`` call to the pool, their rows one
+  forward on one replica (or, without ``decode_on_replica``, one ``step_rows`` call to ``FusedPlural``);
+- each call (and each stream) carries the session id, so the replica keeps the session's KV cache and
+  Serve's router sends the session's next step back to it (:mod:`serve.routing`);
 - a call whose replica died (``RayActorError``, ``ActorUnavailableError``) or that got no answer within
   ``step_timeout_s`` is retried, with backoff, until the request's deadline (then :class:`ApiError` 504);
   the replica that answers replays the prefix, counted as a replay. A call that raised in the replica is a
   502 naming the deployment;
 - when the generation ends (finished, failed or abandoned by the client) the session is released on every
-  deployment it used, best effort (the replicas' TTL drops what a lost release leaves).
+  deployment it used, best effort (the replicas' TTL drops what a lost release leaves); a replica that ran
+  the generation whole drops it itself when its stream ends or is cancelled.
 
 A handle is anything with Serve's ``DeploymentHandle`` surface used here: ``handle.<method>.remote(...)``
-returning an awaitable response with ``cancel()``; tests drive the client with Serve handles or with plain
+returning an awaitable response with ``cancel()``, and ``handle.options(stream=True).decode.remote(...)``
+returning an async iterator with ``cancel()``; tests drive the client with Serve handles or with plain
 objects of that shape, no HTTP involved.
 """
 
@@ -25,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -47,6 +58,10 @@ RETRYABLE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 
 async def _wait(response: Any) -> Any:
     return await response
+
+
+async def _next(stream: Any) -> Any:
+    return await stream.__anext__()
 
 
 async def _quiet(response: Any) -> None:
@@ -73,6 +88,7 @@ class Fanout:
         step_timeout_s: float,
         request_timeout_s: float,
         metrics: Metrics | None = None,
+        decode_on_replica: bool = False,
     ) -> None:
         self.replicas = dict(replicas)
         self.base, self.fused = base, fused
@@ -84,6 +100,7 @@ class Fanout:
             raise ValueError(f"perspectives {both} are both pooled and deployed on their own")
         self.step_timeout_s, self.request_timeout_s = step_timeout_s, request_timeout_s
         self.metrics = metrics if metrics is not None else Metrics()
+        self.decode_on_replica = decode_on_replica
         self._tasks: set[asyncio.Task] = set()
 
     @property
@@ -206,14 +223,89 @@ class Fanout:
         async def step_fn(ids: list[int], first: bool) -> StepLogits:
             return await self.logits(backend, ids, params.perspectives, params.needs_base, session, deadline, first)
 
+        target = self.one_deployment(backend, params) if self.decode_on_replica else None
         try:
-            async with aclosing(plural_decode(step_fn, params)) as events:
+            if target is not None:
+                events = self._decode_on(*target, params, session, deadline)
+            else:
+                events = plural_decode(step_fn, params)
+            async with aclosing(events):
                 async for event in events:
                     self.metrics.tokens.labels("completion", backend).inc()
                     yield event
         finally:
-            self.release(session, backend, params.perspectives, params.needs_base)
+            if target is None:  # a replica that ran the generation dropped the session's caches itself
+                self.release(session, backend, params.perspectives, params.needs_base)
             self.metrics.generation_seconds.labels(backend).observe(time.perf_counter() - started)
+
+    def one_deployment(self, backend: str, params: GenParams) -> tuple[Any, str] | None:
+        """The deployment that answers every row of ``params`` alone (the fused one; the base for an unsteered
+        request; a perspective's own, without the unsteered row; the pool, for pooled perspectives only, the
+        unsteered row included), with its name; ``None`` when the rows come from several."""
+        if backend == "fused":
+            return self.fused, FUSED
+        chosen = params.perspectives
+        if not chosen:
+            return self.base, BASE
+        if all(p in self.pooled for p in chosen):
+            return self.pool, POOL
+        if len(chosen) == 1 and not params.needs_base:
+            return self.replicas[chosen[0]], perspective_deployment(chosen[0])
+        return None
+
+    async def _decode_on(
+        self, handle: Any, name: str, params: GenParams, session: str, deadline: float
+    ) -> AsyncIterator[TokenEvent]:
+        """The generation run whole on one replica of ``handle`` and streamed back (``ModelServer.decode``).
+
+        A stream whose replica died, or that sent nothing for ``step_timeout_s``, goes on from its last token
+        on whichever replica answers next (the prompt plus the tokens so far, the sampler's state), counted
+        as a resumption; that replica replays the prefix. An error raised in the replica is a 502."""
+        tokens: list[int] = []
+        state: bytes | None = None
+        attempt = 0
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ApiError(504, f"timed out waiting for {name}", kind="timeout_error")
+            rest = dataclasses.replace(params, ids=params.ids + tokens, max_tokens=params.max_tokens - len(tokens))
+            stream = handle.options(stream=True).decode.remote(rest, session=session, resumed=bool(tokens), state=state)
+            finished = False
+            try:
+                while True:
+                    started = time.perf_counter()
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise ApiError(504, f"timed out waiting for {name}", kind="timeout_error")
+                    try:
+                        event, state = await asyncio.wait_for(_next(stream), min(self.step_timeout_s, left))
+                    except StopAsyncIteration:
+                        raise ApiError(502, f"{name} ended the generation early", kind="upstream_error") from None
+                    self.metrics.calls.labels(name, "ok").inc()
+                    self.metrics.call_seconds.labels(name).observe(time.perf_counter() - started)
+                    self.metrics.deployment_tokens.labels(name).inc(event.info.get("ran", 0))
+                    self.metrics.replays.labels(name).inc(event.info.get("replays", 0))
+                    tokens.append(event.token)
+                    if event.finish_reason:
+                        finished = True
+                    yield event
+                    if finished:
+                        return
+            except RETRYABLE as err:
+                outcome, why = "retry", type(err).__name__
+            except TimeoutError:
+                outcome, why = "timeout", "no token"
+            except ray.exceptions.RayTaskError as err:
+                self.metrics.calls.labels(name, "error").inc()
+                cause = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+                raise ApiError(502, f"{name} failed: {cause}", kind="upstream_error") from None
+            finally:
+                if not finished:
+                    stream.cancel()
+            self.metrics.calls.labels(name, outcome).inc()
+            attempt += 1
+            log.warning("%s.decode: %s after %d tokens (attempt %d); resuming", name, why, len(tokens), attempt)
+            await asyncio.sleep(min(0.05 * 2**attempt, 1.0))
 
     async def generate(self, params: GenParams, backend: str, tokenizer: Any, stops: Sequence[str]) -> Generated:
         """The whole generation, cut at the first of ``stops``."""

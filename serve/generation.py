@@ -95,13 +95,31 @@ def _top(logp: torch.Tensor, n: int) -> list[tuple[int, float]]:
     return list(zip(top.indices.tolist(), top.values.tolist(), strict=True))
 
 
+def sampler(params: GenParams, state: bytes | None = None) -> torch.Generator:
+    """The generator a generation samples with: seeded by ``params.seed`` (random if unset), or set to
+    ``state`` (:func:`sampler_state` of a generation cut short, so that the rest draws what it would have)."""
+    g = torch.Generator()
+    if state is not None:
+        g.set_state(torch.frombuffer(bytearray(state), dtype=torch.uint8))
+    else:
+        g.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
+    return g
+
+
+def sampler_state(g: torch.Generator) -> bytes:
+    """``g``'s state, to resume a generation elsewhere (:func:`sampler`); a few KB."""
+    return g.get_state().numpy().tobytes()
+
+
 async def plural_decode(
-    step_fn: Callable[[list[int], bool], Awaitable[StepLogits]], params: GenParams
+    step_fn: Callable[[list[int], bool], Awaitable[StepLogits]],
+    params: GenParams,
+    generator: torch.Generator | None = None,
 ) -> AsyncIterator[TokenEvent]:
-    """Yield one :class:`TokenEvent` per generated token until EOS or ``max_tokens``."""
+    """Yield one :class:`TokenEvent` per generated token until EOS or ``max_tokens``; sampling draws from
+    ``generator`` (default: :func:`sampler` of ``params``), which it advances."""
     do_sample = params.temperature > 0
-    seed = params.seed if params.seed is not None else random.getrandbits(63)
-    g = torch.Generator().manual_seed(seed)
+    g = generator if generator is not None else sampler(params)
     tokens: list[int] = []
     for step in range(params.max_tokens):
         logits = await step_fn(params.ids + tokens, step == 0)
@@ -172,4 +190,7 @@ class TextStream:
         return delta
 
 
-__all__ = ["GenParams", "Generated", "StepLogits", "TextStream", "TokenEvent", "combined_scores", "plural_decode"]
+__all__ = [
+    "GenParams", "Generated", "StepLogits", "TextStream", "TokenEvent", "combined_scores", "plural_decode", "sampler",
+    "sampler_state",
+]  # fmt: skip

@@ -14,6 +14,8 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
 from typing import Any
 
 import numpy as np
@@ -30,6 +32,7 @@ from serve.batcher import ContinuousBatcher
 from serve.config import BASE, FUSED, PERSPECTIVE, POOL, ReplicaConfig
 from serve.engine import Row, RowOut, SessionCache, Steering, StepEngine, kv_layer_kinds
 from serve.fused import FusedEngine, self_check
+from serve.generation import GenParams, StepLogits, TokenEvent, plural_decode, sampler, sampler_state
 
 log = logging.getLogger("ray.serve")
 
@@ -187,6 +190,7 @@ class ModelServer:
         self.batcher: ContinuousBatcher[list[Row], list[RowOut]] = ContinuousBatcher(
             self._run, max_rows=self.cfg.max_batch_rows, size=len, gather_s=self.cfg.batch_gather_s
         )
+        self.decodes = 0  # generations run here whole (``decode``)
         self.load_seconds = time.perf_counter() - started
         log.info("%s: model loaded on %s in %.1f s", self.name, device, self.load_seconds)
 
@@ -219,11 +223,54 @@ class ModelServer:
             "version": self._version(),
         }
 
+    async def decode(
+        self, params: GenParams, *, session: str, resumed: bool = False, state: bytes | None = None
+    ) -> AsyncIterator[tuple[TokenEvent, bytes | None]]:
+        """The whole generation on this replica (streamed, ``handle.options(stream=True)``): its token events,
+        each with the sampler's state after it (``None`` when greedy) for a caller that resumes it elsewhere.
+
+        The steps go through this replica's batcher as ``step`` calls do, so concurrent generations share its
+        forwards with no round trip between steps. ``resumed``: the generation started elsewhere and goes on
+        here (``params.ids`` ends with its tokens so far, ``state`` is its sampler's), so a first step that
+        finds no KV cache counts as a replay. The session's caches are dropped when the stream ends, is
+        cancelled or fails."""
+        rows = self._rows(params)
+        k = len(params.perspectives)
+        g = sampler(params, state)
+        sampled = params.temperature > 0
+        self.decodes += 1
+
+        async def step_fn(ids: list[int], first: bool) -> StepLogits:
+            outs = await self.batcher.submit([Row(session_key(session, p), ids, p, session) for p in rows])
+            logits = torch.from_numpy(np.stack([o.logits for o in outs]))
+            replays = 0 if first and not resumed else sum(not o.hit for o in outs)
+            versions = dict.fromkeys(params.perspectives, self._version())
+            info = {"replays": replays, "ran": sum(o.ran for o in outs), "versions": versions}
+            return StepLogits(logits[:k] if k else None, logits[k] if params.needs_base else None, info)
+
+        try:
+            async with aclosing(plural_decode(step_fn, params, g)) as events:
+                async for event in events:
+                    yield event, sampler_state(g) if sampled else None
+        finally:
+            self._drop(session, rows)
+
+    def _rows(self, params: GenParams) -> list[str | None]:
+        """The rows a generation needs of this replica: its perspectives, then the unsteered row if needed."""
+        rows: list[str | None] = [*params.perspectives, *([None] if params.needs_base else [])]
+        if not (self.fused or self.pooled) and rows != [self.perspective]:
+            have = "the unsteered row" if self.perspective is None else f"perspective {self.perspective!r}"
+            raise ValueError(f"{self.name} serves {have} alone; asked for {params.perspectives} "
+                             f"{'with' if params.needs_base else 'without'} the unsteered row")  # fmt: skip
+        return rows
+
     async def release(self, session: str, perspectives: list[str] | None = None) -> int:
         """Drop a finished session's caches (best effort; the TTL drops what is never released); a pool is
         told the session's ``perspectives`` (default: every one of the set)."""
-        chosen = self._perspectives() if perspectives is None else perspectives
-        keys = [session_key(session, p) for p in chosen] + [f"{session}/#fused"]
+        return self._drop(session, self._perspectives() if perspectives is None else perspectives)
+
+    def _drop(self, session: str, perspectives: Sequence[str | None]) -> int:
+        keys = [session_key(session, p) for p in perspectives] + [f"{session}/#fused"]
         return sum(self.engine.cache.drop(k) for k in keys if k is not None)
 
     def _perspectives(self) -> list[str | None]:
@@ -256,6 +303,7 @@ class ModelServer:
             "batched_rows": self.batcher.rows,
             "gathered_s": self.batcher.gathered_s,
             "busy_s": self.batcher.busy_s,
+            "decodes": self.decodes,
             **self.engine.counters,
         }
 

@@ -181,3 +181,104 @@ class _Tok:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return "".join(chr(ord("a") + i) for i in ids)
+
+
+class _Stream:
+    """A streamed call's answer, like Serve's ``DeploymentResponseGenerator``: ``await anext`` / ``cancel()``.
+    After ``die_after`` items it raises what a lost replica raises, and its replica-side generator is closed
+    (the replica's memory, the session's KV cache with it, is gone)."""
+
+    def __init__(self, agen: Any, die_after: int | None) -> None:
+        self.agen, self.die_after, self.sent = agen, die_after, 0
+        self.closing: asyncio.Future | None = None
+
+    def __aiter__(self) -> _Stream:
+        return self
+
+    async def __anext__(self) -> Any:
+        if self.die_after is not None and self.sent == self.die_after:
+            await self.agen.aclose()
+            raise ray.exceptions.ActorUnavailableError("replica lost", None)
+        self.sent += 1
+        return await self.agen.__anext__()
+
+    def cancel(self) -> None:
+        self.closing = asyncio.ensure_future(self.agen.aclose())
+
+
+class _OnReplica:
+    """A deployment handle over an in-process ``ModelServer``: ``step``/``release`` as calls, ``decode`` as a
+    stream (``options(stream=True)``) whose first ``die_after`` items are all the first replica sends."""
+
+    def __init__(self, server: Any, die_after: int | None = None) -> None:
+        self.server, self.die_after, self.log = server, die_after, []
+        self.streams: list[_Stream] = []
+        self.step = Method(server.step, self.log, "step")
+        self.release = Method(server.release, self.log, "release")
+
+    def options(self, *, stream: bool) -> _OnReplica:
+        assert stream
+        return self
+
+    @property
+    def decode(self) -> _OnReplica:
+        return self
+
+    def remote(self, params: GenParams, **kw: Any) -> _Stream:
+        self.log.append(("decode", (params,), kw))
+        s = _Stream(self.server.decode(params, **kw), self.die_after if not self.streams else None)
+        self.streams.append(s)
+        return s
+
+
+def test_a_generation_decoded_on_a_replica_that_dies_goes_on_elsewhere_drawing_the_same_tokens(embedded) -> None:
+    """The unsteered model in process (``ModelServer``, no Serve): a sampled generation decoded on the replica
+    (streamed) draws the tokens the aggregator's step-by-step loop draws with the same seed; cut after 3 tokens
+    by a lost replica, it goes on from its fourth with the sampler's state, and still draws the same tokens;
+    the resumption is one replay; every run leaves no KV cache behind."""
+    from serve.replicas import ModelServer
+
+    server = ModelServer({"vectors": "unused", "model": "embedded"})
+    tok = embedded[1]
+    ids = tok("The history of bread", add_special_tokens=False)["input_ids"]
+    params = GenParams(ids=ids, perspectives=[], decoding=Decoding("mean", top_k=20), max_tokens=8, temperature=0.9,
+                       seed=5, eos=None)  # fmt: skip
+
+    def run(handle: _OnReplica, on_replica: bool) -> tuple[Any, Fanout]:
+        client = Fanout({}, handle, None, step_timeout_s=30, request_timeout_s=60, decode_on_replica=on_replica)
+
+        async def go() -> Any:
+            out = await client.generate(params, "replicas", tokenizer=_Tok(), stops=[])
+            await client.drain()
+            await asyncio.sleep(0.05)  # cancelled streams close
+            return out
+
+        return asyncio.run(go()), client
+
+    stepped, _ = run(_OnReplica(server), on_replica=False)
+    whole, _ = run(whole_handle := _OnReplica(server), on_replica=True)
+    cut, client = run(cut_handle := _OnReplica(server, die_after=3), on_replica=True)
+    tokens = [e.token for e in stepped.events]
+    assert len(tokens) == 8 and len(set(tokens)) > 1
+    assert [e.token for e in whole.events] == tokens and [e.token for e in cut.events] == tokens
+    assert [c[0] for c in whole_handle.log] == ["decode"]  # one call for the whole generation, no release
+    (first, second) = [c for c in cut_handle.log if c[0] == "decode"]
+    assert second[1][0].ids == ids + tokens[:3] and second[1][0].max_tokens == 5 and second[2]["resumed"]
+    assert second[2]["state"] is not None and second[2]["session"] == first[2]["session"]
+    assert cut.info["replays"] == 1 and client.metrics.replays.labels("BaseModel")._value.get() == 1
+    assert _count(client, "BaseModel", "retry") == 1 and _count(client, "BaseModel", "ok") == 8
+    assert len(server.engine.cache) == 0 and server.decodes == 3
+
+
+def test_a_replica_asked_for_rows_it_does_not_serve_refuses(embedded) -> None:
+    from serve.replicas import ModelServer
+
+    server = ModelServer({"vectors": "unused", "model": "embedded"})
+    params = GenParams(ids=[1, 2], perspectives=["a"], decoding=Decoding("mean"), max_tokens=2, temperature=0)
+
+    async def go() -> None:
+        async for _ in server.decode(params, session="s"):
+            pass
+
+    with pytest.raises(ValueError, match="serves the unsteered row alone; asked for"):
+        asyncio.run(go())
