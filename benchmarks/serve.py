@@ -4,13 +4,17 @@
   (b) one steered perspective             (one PerspectiveModel;      perspectives: [p0], mode mean)
   (c) PD, K=3, one replica per perspective (3 PerspectiveModels + BaseModel per step, fanned out; dvd)
   (d) PD, K=3, fused                      (FusedPlural: the 4 rows as one batch; dvd)
-  (e) PD, K=3, pooled                     (3 of the ``--pooled`` perspectives on one PerspectivePool replica
-                                           + BaseModel per step; dvd)
+  (e) PD, K=3, pooled                     (3 of the ``--pooled`` perspectives on one PerspectivePool replica,
+                                           the unsteered row with them; dvd)
+  (f) PD, K=6, fused                      (with ``--pooled``: (d)'s 3 and (e)'s 3 as the 7 rows of one batch)
 
-with ratios against (a) from the same run, and (a)'s against a bare loop: a plain transformers ``generate``
-of the same number of tokens at batch = concurrency, in this process with one torch thread (what a replica
-gets). The scenarios and the bare loop alternate in rounds at each concurrency, and each number is the
-median over the rounds, so load from other processes on a shared machine hits them all alike. Also the
+(a), (b), (d), (e) and (f) decode on their one replica (serve/fanout.py), (c) step by step from the aggregator.
+Requests are streamed; ratios against (a) from the same run are per request (latency / tokens, prefill
+included) and per later token (tpot: the time between streamed tokens after the first; ttft: to the
+first), and (a)'s against a bare loop: a plain transformers ``generate`` of the same number of tokens at
+batch = concurrency, in this process with one torch thread (what a replica gets). The scenarios and the
+bare loop alternate in rounds at each concurrency, and each number is the median over the rounds, so load
+from other processes on a shared machine hits them all alike. Also the
 memory of each model replica (resident set, weights, KV caches), the pool's with all its perspectives.
 
     PYTHONPATH=. python benchmarks/serve.py --sae /tmp/acc/train/L15-topk-8x-k32 [--tokens 32 --rounds 3]
@@ -30,6 +34,7 @@ import socket
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -106,28 +111,58 @@ def _chat(tok: Any, text: str) -> str:
     return tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
 
 
+@dataclass
+class Level:
+    """One level's requests: whole-request seconds, time to the first token, time per later token (from the
+    stream: (last token - first token) / (tokens - 1)), and the wall time of the level."""
+
+    latencies: list[float]
+    ttft: list[float]
+    tpot: list[float]
+    wall: float
+
+
 async def _level(url: str, key: str, body: dict[str, Any], prompts: list[str], concurrency: int, requests: int):
-    """``requests`` generations, ``concurrency`` in flight at once; returns per-request seconds and wall time."""
+    """``requests`` streamed generations, ``concurrency`` in flight at once (see :class:`Level`)."""
     import httpx
 
     queue = list(range(requests))
-    latencies: list[float] = []
+    out = Level([], [], [], 0.0)
 
     async def worker(client: httpx.AsyncClient) -> None:
         while queue:
             i = queue.pop()
             started = time.perf_counter()
-            r = await client.post(url + "/v1/completions", json={**body, "prompt": prompts[i % len(prompts)]})
-            r.raise_for_status()
-            assert r.json()["usage"]["completion_tokens"] == body["max_tokens"]
-            latencies.append(time.perf_counter() - started)
+            first = last = None
+            tokens = 0
+            payload = {**body, "prompt": prompts[i % len(prompts)], "stream": True,
+                       "stream_options": {"include_usage": True}}  # fmt: skip
+            async with client.stream("POST", url + "/v1/completions", json=payload) as r:
+                r.raise_for_status()
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    if "error" in chunk:
+                        raise RuntimeError(f"stream error: {chunk['error']}")
+                    if chunk.get("usage"):
+                        tokens = chunk["usage"]["completion_tokens"]
+                    elif chunk["choices"] and chunk["choices"][0].get("text"):
+                        last = time.perf_counter()
+                        first = first or last
+            assert tokens == body["max_tokens"], tokens
+            out.latencies.append(time.perf_counter() - started)
+            if first is not None and last is not None:
+                out.ttft.append(first - started)
+                out.tpot.append((last - first) / max(1, tokens - 1))
 
     limits = httpx.Limits(max_connections=concurrency + 4)
     headers = {"Authorization": f"Bearer {key}"}
     async with httpx.AsyncClient(headers=headers, timeout=600, limits=limits) as client:
         started = time.perf_counter()
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
-        return latencies, time.perf_counter() - started
+        out.wall = time.perf_counter() - started
+        return out
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -176,7 +211,7 @@ def start_app(
         {
             "vectors": name, "registry_dir": str(registry_dir), "backend": "both", "port": port,
             "replica_cpus": replica_cpus, "aggregator_cpus": 0.25, "torch_threads": 1,
-            "max_tokens_limit": max(tokens, 16), "max_perspectives": 3,
+            "max_tokens_limit": max(tokens, 16), "max_perspectives": 6,
             "deployments": {n: fixed for n in ("PluralAggregator", "BaseModel", "PerspectiveModel", "FusedPlural",
                                                "PerspectivePool")},
             **({} if gather_s is None else {"batch_gather_s": gather_s}),
@@ -185,7 +220,7 @@ def start_app(
     everything = resolve_perspectives(cfg) if not pooled else client.get(name).perspectives
     perspectives = everything[:3]
     cfg = ServeConfig.from_dict({**cfg.to_dict(), "perspectives": perspectives, "pool": ["*"] if pooled else [],
-                                 "max_perspectives": 3})  # fmt: skip
+                                 "max_perspectives": 6})  # fmt: skip
     rest = [p for p in everything if p not in perspectives] if pooled else []
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     started = time.perf_counter()
@@ -243,6 +278,8 @@ def main() -> None:
         chosen = [pooled[0], pooled[len(pooled) // 2], pooled[-1]]
         scenarios["e"] = ("PD K=3, pooled", {**common, "perspectives": chosen, "backend": "replicas",
                                              "decoding": {"mode": "dvd"}})  # fmt: skip
+        scenarios["f"] = ("PD K=6, fused", {**common, "perspectives": [*perspectives, *chosen], "backend": "fused",
+                                            "decoding": {"mode": "dvd"}})  # fmt: skip
     for _, body in scenarios.values():  # warm up every path
         asyncio.run(_level(url, key, body, prompts, 1, 1))
     bare_loop(model, tok, prompts, 1, 4)
@@ -251,33 +288,36 @@ def main() -> None:
     for c in [int(x) for x in args.concurrency.split(",")]:
         n = args.requests or max(4, 2 * c)
         per: dict[str, dict[str, list[float]]] = {
-            s: {"tps": [], "p50": [], "p99": [], "tok_lat": []} for s in scenarios
+            s: {"tps": [], "p50": [], "p99": [], "tok_lat": [], "ttft": [], "tpot": []} for s in scenarios
         }
         bare: list[float] = []
         for _ in range(args.rounds):
             bare.append(bare_loop(model, tok, prompts, c, args.tokens))
             for s, (_, body) in scenarios.items():
-                latencies, wall = asyncio.run(_level(url, key, body, prompts, c, n))
-                per[s]["tps"].append(n * args.tokens / wall)
-                per[s]["p50"].append(_pct(latencies, 0.5))
-                per[s]["p99"].append(_pct(latencies, 0.99))
-                per[s]["tok_lat"].append(statistics.median(latencies) / args.tokens)
+                run = asyncio.run(_level(url, key, body, prompts, c, n))
+                per[s]["tps"].append(n * args.tokens / run.wall)
+                per[s]["p50"].append(_pct(run.latencies, 0.5))
+                per[s]["p99"].append(_pct(run.latencies, 0.99))
+                per[s]["tok_lat"].append(statistics.median(run.latencies) / args.tokens)
+                per[s]["ttft"].append(statistics.median(run.ttft))
+                per[s]["tpot"].append(statistics.median(run.tpot))
         level = {s: {k: statistics.median(v) for k, v in m.items()} for s, m in per.items()}
         for s in scenarios:
             level[s]["latency_vs_a"] = level[s]["tok_lat"] / level["a"]["tok_lat"]
+            level[s]["tpot_vs_a"] = level[s]["tpot"] / level["a"]["tpot"]
             level[s]["throughput_vs_a"] = level[s]["tps"] / level["a"]["tps"]
         level["bare"] = {"tps": statistics.median(bare)}
         results["levels"][c] = level
         print(f"\nconcurrency {c}: {n} requests x {args.tokens} tokens per scenario, median of {args.rounds} rounds")
         print(f"  bare generate loop at batch {c} (1 thread): {level['bare']['tps']:.1f} tok/s; "
               f"(a) / bare = {level['a']['tps'] / level['bare']['tps']:.2f}x")  # fmt: skip
-        print(
-            f"  {'scenario':34s} {'tok/s':>8s} {'p50 s':>7s} {'p99 s':>7s} {'ms/tok':>7s} {'lat/a':>6s} {'tps/a':>6s}"
-        )
+        print(f"  {'scenario':34s} {'tok/s':>8s} {'p50 s':>7s} {'p99 s':>7s} {'ms/tok':>7s} {'lat/a':>6s} "
+              f"{'tps/a':>6s} {'ttft ms':>7s} {'tpot ms':>7s} {'tpot/a':>6s}")  # fmt: skip
         for s, (label, _) in scenarios.items():
             m = level[s]
             print(f"  ({s}) {label:30s} {m['tps']:8.1f} {m['p50']:7.2f} {m['p99']:7.2f} {1000 * m['tok_lat']:7.1f} "
-                  f"{m['latency_vs_a']:6.2f} {m['throughput_vs_a']:6.2f}")  # fmt: skip
+                  f"{m['latency_vs_a']:6.2f} {m['throughput_vs_a']:6.2f} {1000 * m['ttft']:7.0f} "
+                  f"{1000 * m['tpot']:7.1f} {m['tpot_vs_a']:6.2f}")  # fmt: skip
 
     memory = {}
     batching = {}

@@ -50,7 +50,7 @@ def main() -> None:
     for c in [int(x) for x in args.concurrency.split(",")]:
         n = max(4, 2 * c)
         before = handle.stats.remote().result(timeout_s=60)
-        _, wall = asyncio.run(_level(url, key, body, prompts, c, n))
+        wall = asyncio.run(_level(url, key, body, prompts, c, n)).wall
         after = handle.stats.remote().result(timeout_s=60)
         d = {k: after.get(k, 0) - before.get(k, 0) for k in COUNTERS}
         bare = bare_loop(model, tok, prompts, c, args.tokens)

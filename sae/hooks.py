@@ -13,6 +13,8 @@ from typing import Literal, Protocol
 import torch
 from torch import nn
 
+from sae.model import SparseAutoencoder
+
 SteerMode = Literal["sae", "residual", "caa"]
 STEER_MODES: tuple[str, ...] = ("sae", "residual", "caa")
 
@@ -201,8 +203,9 @@ def steer(
 
     - ``sae``: SAE features (``d_sae``); ``h -> dec(enc(h) + c·v) + (h - dec(enc(h)))``, the error term
       dropped when ``keep_error=False`` (what the reference code does).
-    - ``residual``: SAE features projected through the decoder, ``h -> h + c·(v @ W_dec)``. With a linear
-      decoder this equals ``sae`` with ``keep_error=True`` up to float error, at a fraction of the cost.
+    - ``residual``: SAE features projected through the decoder, ``h -> h + c·(v @ W_dec)``. With an affine
+      decoder this equals ``sae`` with ``keep_error=True`` up to float error, at a fraction of the cost, so
+      ``sae`` with ``keep_error=True`` on a :class:`~sae.model.SparseAutoencoder` runs as ``residual``.
     - ``caa``: a residual-space vector (``d_model``), ``h -> h + c·v``.
 
     Every position is steered at prefill and at each cached decode step; ``steer_decode=False`` skips
@@ -223,6 +226,10 @@ def steer(
         raise ValueError(f"mode {mode!r} takes vectors of size {space}={expected}, got {V.shape[-1]}")
 
     delta: torch.Tensor | None = None  # residual-space shift, precomputed for residual/caa modes
+    if mode == "sae" and keep_error and type(sae).decode is SparseAutoencoder.decode:
+        # dec(enc(h) + c·v) + h - dec(enc(h)) = h + c·(v @ W_dec) exactly for this affine decoder: the encode
+        # and both decodes cancel, so skip them (the result differs by float rounding only)
+        mode = "residual"
     if V is not None and mode == "residual":
         delta = coeff * (V.to(sae.W_dec.dtype) @ sae.W_dec)  # type: ignore[union-attr]
     elif V is not None and mode == "caa":

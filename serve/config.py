@@ -103,6 +103,8 @@ class ReplicaConfig(StageConfig, RaySection):
     batch_gather_s: Annotated[float, Field(ge=0, le=1, description="seconds; 0: no wait")] = 0.1
     max_sessions: NonNegInt = 64  # KV caches kept per replica (LRU; one per session and perspective)
     session_ttl_s: Positive = 300.0
+    # on CPU (float32), time a few-row step both ways at startup and keep the faster matmul (sae/small_batch.py)
+    tune_matmul: bool = True
 
     def validate(self) -> None:
         check(bool(self.vectors.strip()), "vectors: a registry name is required")

@@ -25,6 +25,7 @@ from ray import serve
 from ray.serve.exceptions import RayServeException
 
 from common.registry import RegistryClient, VectorWatch, parse_key
+from sae import small_batch
 from sae.lm import load_lm, resolve_device
 from sae.model import SparseAutoencoder
 from sae.vectorset import sae_fingerprint
@@ -136,6 +137,9 @@ class ModelServer:
         device = str(resolve_device(self.cfg.device))
         started = time.perf_counter()
         self.model, tokenizer = load_lm(self.cfg.model, dtype=self.cfg.dtype, device=device)
+        self.matmul = small_batch.tune(self.model) if self.cfg.tune_matmul else None
+        if self.matmul is not None and self.matmul.plain_ms:
+            log.info("%s: small-batch matmul: %s", self.name, self.matmul.describe())
         steered = fused or pooled or perspective is not None
         self.source = VectorSource(self.cfg, device) if steered else None
         if self.source is not None:
@@ -296,6 +300,7 @@ class ModelServer:
             "load_seconds": self.load_seconds,
             "threads": torch.get_num_threads(),
             "shared_trunk": self.shared_trunk,
+            "small_batch_matmul": self.matmul is not None and self.matmul.used,
             "kv_layers": self.kv_layers,
             "version": self._version(),
             "batches": self.batcher.batches,

@@ -157,11 +157,21 @@ def test_steer_decode_false_skips_single_token_steps(tiny_llama) -> None:
 
 
 def test_sae_mode_with_error_term_equals_residual_mode(tiny_llama) -> None:
+    """steer() runs ``sae`` mode with the error term as ``residual`` mode on a SparseAutoencoder, which holds
+    because its decoder is affine: the SAE's encode and both decodes, computed the long way on the hidden
+    states the hook sees, give the same steered states as adding c·(v @ W_dec)."""
     ids = _ids()
     sae = _sae()
     v = _vec(256, 5)
-    with steer(tiny_llama, 2, v, mode="sae", sae=sae, coeff=1.5):
+    with capture(tiny_llama, [2]) as acts:
+        tiny_llama(ids)
+    h = acts[2]
+    feats = sae.encode(h)
+    long_way = sae.decode(feats + 1.5 * v) + (h - sae.decode(feats))
+    torch.testing.assert_close(long_way, h + 1.5 * (v @ sae.W_dec), atol=1e-4, rtol=1e-4)
+    with steer(tiny_llama, 2, v, mode="sae", sae=sae, coeff=1.5), capture(tiny_llama, [2]) as steered:
         via_sae = tiny_llama(ids).logits
+    torch.testing.assert_close(steered[2], long_way, atol=1e-4, rtol=1e-4)
     with steer(tiny_llama, 2, v, mode="residual", sae=sae, coeff=1.5):
         via_residual = tiny_llama(ids).logits
     torch.testing.assert_close(via_sae, via_residual, atol=1e-4, rtol=1e-4)
