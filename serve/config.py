@@ -101,7 +101,7 @@ class ReplicaConfig(StageConfig, RaySection):
     max_batch_tokens: Count = 8192  # padded tokens in one replay forward
     # longest wait for the last batch's sessions to be back (serve/batcher.py)
     batch_gather_s: Annotated[float, Field(ge=0, le=1, description="seconds; 0: no wait")] = 0.1
-    max_sessions: NonNegInt = 64  # KV caches kept per replica (LRU; one per session and perspective)
+    max_sessions: NonNegInt = 64  # sessions whose KV caches a replica keeps (LRU; all of a session's rows count once)
     session_ttl_s: Positive = 300.0
     # on CPU (float32), time a few-row step both ways at startup and keep the faster matmul (sae/small_batch.py)
     tune_matmul: bool = True

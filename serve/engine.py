@@ -96,8 +96,12 @@ class _Batch:
 
 
 class SessionCache:
-    """Per-session KV caches: least recently used first out beyond ``max_sessions``, dropped after ``ttl_s``
-    without use. Thread-safe (the engine runs on a worker thread, releases come from the event loop)."""
+    """Per-session KV caches: least recently used session first out beyond ``max_sessions``, dropped after
+    ``ttl_s`` without use. A key is ``"{session}/{row}"`` (the rows of one session — its perspectives, the
+    unsteered row, the fused trunk — share the part before the first ``/``; a key without one is a session of
+    its own): the bound counts sessions, not rows, and evicting a session drops all of its rows, so a PD
+    request over K perspectives takes one place, not K + 1. Thread-safe (the engine runs on a worker thread,
+    releases come from the event loop)."""
 
     def __init__(self, max_sessions: int = 64, ttl_s: float = 300.0, clock: Callable[[], float] = time.monotonic):
         if max_sessions < 0 or ttl_s <= 0:
@@ -106,9 +110,31 @@ class SessionCache:
         self.ttl_s = ttl_s
         self.clock = clock
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._rows: dict[str, set[str]] = {}  # session -> its keys
         self._lock = threading.Lock()
-        self.evicted = 0
-        self.expired = 0
+        self.evicted = 0  # sessions
+        self.expired = 0  # rows
+
+    @staticmethod
+    def session_of(key: str) -> str:
+        return key.split("/", 1)[0]
+
+    def _remove(self, key: str) -> _Entry | None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            session = self.session_of(key)
+            rows = self._rows[session]
+            rows.discard(key)
+            if not rows:
+                del self._rows[session]
+        return entry
+
+    def _touch(self, key: str) -> None:
+        """Make ``key``'s session the most recently used (all of its rows, ``key`` last)."""
+        for k in self._rows[self.session_of(key)]:
+            if k != key:
+                self._entries.move_to_end(k)
+        self._entries.move_to_end(key)
 
     def get(self, key: str) -> _Entry | None:
         with self._lock:
@@ -116,10 +142,10 @@ class SessionCache:
             if entry is None:
                 return None
             if self.clock() - entry.touched > self.ttl_s:
-                del self._entries[key]
+                self._remove(key)
                 self.expired += 1
                 return None
-            self._entries.move_to_end(key)
+            self._touch(key)
             return entry
 
     def put(self, key: str, entry: _Entry) -> None:
@@ -128,24 +154,32 @@ class SessionCache:
         with self._lock:
             entry.touched = self.clock()
             self._entries[key] = entry
-            self._entries.move_to_end(key)
-            while len(self._entries) > self.max_sessions:
-                self._entries.popitem(last=False)
+            self._rows.setdefault(self.session_of(key), set()).add(key)
+            self._touch(key)
+            while len(self._rows) > self.max_sessions:
+                oldest = self.session_of(next(iter(self._entries)))
+                for k in list(self._rows[oldest]):
+                    self._remove(k)
                 self.evicted += 1
 
     def drop(self, key: str) -> bool:
         with self._lock:
-            return self._entries.pop(key, None) is not None
+            return self._remove(key) is not None
 
     def sweep(self) -> int:
-        """Drop expired sessions; returns how many."""
+        """Drop expired rows; returns how many."""
         now = self.clock()
         with self._lock:
             old = [k for k, e in self._entries.items() if now - e.touched > self.ttl_s]
             for k in old:
-                del self._entries[k]
+                self._remove(k)
             self.expired += len(old)
             return len(old)
+
+    @property
+    def sessions(self) -> int:
+        """Sessions with at least one cached row (``len()`` counts rows)."""
+        return len(self._rows)
 
     def __len__(self) -> int:
         return len(self._entries)

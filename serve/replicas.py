@@ -3,8 +3,10 @@
 ``BaseModel`` (unsteered) and ``FusedPlural`` (every perspective as rows of one batch on one model).
 
 Each replica loads the model once, follows its vector set in the registry (a new version is picked up
-between steps, no restart), and answers ``step`` calls with next-token logits through a
-:class:`serve.engine.StepEngine` (per-session KV caches; a miss replays the prefix) fed by a
+between steps, no restart), and answers ``step`` calls with next-token logits — or runs a whole generation
+(``decode``, streamed) — through a :class:`serve.engine.StepEngine` (per-session KV caches; a miss replays
+the prefix; the pool and the fused deployment use :class:`serve.fused.FusedEngine`, a session's rows
+sharing the blocks below the steering layer, where the model passes its check) fed by a
 :class:`serve.batcher.ContinuousBatcher` (concurrent sessions' steps share a forward).
 """
 
@@ -173,7 +175,7 @@ class ModelServer:
                 "the window; longer sessions replay their prefix at every step", self.name, self.engine.window
             )  # fmt: skip
         self.shared_trunk = False
-        if fused:  # share the blocks below the steering layer between a session's rows, if this model allows it
+        if fused or pooled:  # a session's rows share the blocks below the steering layer, if this model allows it
             problem = (
                 f"its KV cache has {', '.join(self.kv_layers)} layers"
                 if self.kv_layers
@@ -295,7 +297,8 @@ class ModelServer:
             "rss_bytes": process_memory(),
             "param_bytes": params,
             "sae_bytes": 0 if sae is None else sum(t.numel() * t.element_size() for t in sae.parameters()),
-            "sessions": len(self.engine.cache),
+            "sessions": self.engine.cache.sessions,
+            "cached_rows": len(self.engine.cache),
             "cache_bytes": self.engine.cache.nbytes(),
             "load_seconds": self.load_seconds,
             "threads": torch.get_num_threads(),
@@ -332,7 +335,8 @@ class PerspectiveModel(ModelServer):
 @serve.deployment(name=POOL)
 class PerspectivePool(ModelServer):
     """Any perspective of the set, on any replica: the model and SAE once per replica, every vector of the
-    set beside them (a few KB each). Steps name their perspectives (``step_rows``); the session router
+    set beside them (a few KB each). Steps name their perspectives (``step_rows``, ``decode``); a session's
+    rows share the blocks below the steering layer (as ``FusedPlural``'s do); the session router
     (:mod:`serve.routing`) keeps a session's steps on the replica holding its KV caches."""
 
     def __init__(self, cfg: dict[str, Any], threads: int = 1) -> None:

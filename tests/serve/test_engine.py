@@ -186,7 +186,30 @@ def test_session_cache_is_lru_and_expires() -> None:
     assert "b" not in cache and "a" in cache and cache.evicted == 1
     now["t"] = 11.0
     assert cache.get("a") is None and cache.expired == 1
-    assert cache.sweep() == 1 and len(cache) == 0
+    assert cache.sweep() == 1 and len(cache) == 0 and cache.sessions == 0
+
+
+def test_session_cache_counts_sessions_not_rows() -> None:
+    """Keys ``session/row``: a session's rows (perspectives, the unsteered row, the fused trunk) take one place
+    of ``max_sessions`` and leave together when their session is the least recently used."""
+    from serve.engine import _Entry
+
+    cache = SessionCache(max_sessions=2, ttl_s=10)
+
+    def entry() -> _Entry:
+        return _Entry((1,), [torch.zeros(1, 1, 1)], [torch.zeros(1, 1, 1)], torch.zeros(3), 1, None, 0.0)
+
+    for session in ("s1", "s2"):
+        for row in ("France", "Spain/Madrid", "-", "#fused"):  # a row name may hold a slash
+            cache.put(f"{session}/{row}", entry())
+    assert len(cache) == 8 and cache.sessions == 2 and cache.evicted == 0
+    assert cache.get("s1/France") is not None  # s1's rows are touched again: s2 is now the oldest session
+    cache.put("s1/Spain/Madrid", entry())
+    cache.put("s3/-", entry())
+    assert cache.sessions == 2 and cache.evicted == 1
+    assert not any(k in cache for k in ("s2/France", "s2/Spain/Madrid", "s2/-", "s2/#fused"))
+    assert all(k in cache for k in ("s1/France", "s1/Spain/Madrid", "s3/-"))
+    assert cache.drop("s3/-") and cache.sessions == 1 and not cache.drop("s3/-")
 
 
 def test_fused_engine_shares_the_blocks_below_the_steering_layer(embedded, embedded_sae, one_thread) -> None:
