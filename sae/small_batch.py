@@ -92,7 +92,7 @@ class Tuning:
 
 
 @torch.inference_mode()
-def tune(model: nn.Module, rows: int = 4, reps: int = 5, margin: float = 0.05, max_rows: int = MAX_ROWS) -> Tuning:
+def tune(model: nn.Module, rows: int = 4, reps: int = 3, margin: float = 0.05, max_rows: int = MAX_ROWS) -> Tuning:
     """Time a ``rows``-row one-token forward of ``model`` both ways (alternating, ``reps`` each, after a warm-up)
     and leave the transposed path on if its median is more than ``margin`` faster. CPU float32 only: on any
     other device or dtype nothing is changed (``used`` false, no timing)."""

@@ -129,17 +129,25 @@ class Fanout:
                 response.cancel()
                 outcome, why = "timeout", "no answer"
             except ray.exceptions.RayTaskError as err:
-                self.metrics.calls.labels(name, "error").inc()
-                cause = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-                raise ApiError(502, f"{name} failed: {cause}", kind="upstream_error") from None
+                raise self._failed(name, err) from None
             else:
                 self.metrics.calls.labels(name, "ok").inc()
                 self.metrics.call_seconds.labels(name).observe(time.perf_counter() - started)
                 return result
-            self.metrics.calls.labels(name, outcome).inc()
             attempt += 1
-            log.warning("%s.%s: %s (attempt %d); retrying", name, method, why, attempt)
-            await asyncio.sleep(min(0.05 * 2**attempt, 1.0))
+            await self._backoff(name, outcome, attempt, f"{name}.{method}: {why} (attempt {attempt}); retrying")
+
+    def _failed(self, name: str, err: Exception) -> ApiError:
+        """The 502 for a call that raised in its replica, naming the deployment and the error's last line."""
+        self.metrics.calls.labels(name, "error").inc()
+        cause = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        return ApiError(502, f"{name} failed: {cause}", kind="upstream_error")
+
+    async def _backoff(self, name: str, outcome: str, attempt: int, message: str) -> None:
+        """Count a lost call (``outcome``: retry or timeout), log it, and wait before the next attempt."""
+        self.metrics.calls.labels(name, outcome).inc()
+        log.warning("%s", message)
+        await asyncio.sleep(min(0.05 * 2**attempt, 1.0))
 
     # -- one decoding step ------------------------------------------------------------------------------------
     async def logits(
@@ -296,16 +304,14 @@ class Fanout:
             except TimeoutError:
                 outcome, why = "timeout", "no token"
             except ray.exceptions.RayTaskError as err:
-                self.metrics.calls.labels(name, "error").inc()
-                cause = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-                raise ApiError(502, f"{name} failed: {cause}", kind="upstream_error") from None
+                raise self._failed(name, err) from None
             finally:
                 if not finished:
                     stream.cancel()
-            self.metrics.calls.labels(name, outcome).inc()
             attempt += 1
-            log.warning("%s.decode: %s after %d tokens (attempt %d); resuming", name, why, len(tokens), attempt)
-            await asyncio.sleep(min(0.05 * 2**attempt, 1.0))
+            await self._backoff(
+                name, outcome, attempt, f"{name}.decode: {why} after {len(tokens)} tokens (attempt {attempt}); resuming"
+            )
 
     async def generate(self, params: GenParams, backend: str, tokenizer: Any, stops: Sequence[str]) -> Generated:
         """The whole generation, cut at the first of ``stops``."""
