@@ -219,15 +219,18 @@ class ModelServer:
     async def step_rows(self, ids: list[int], perspectives: list[str | None], *, session: str | None = None):
         """``FusedPlural``, ``PerspectivePool``: next-token logits ``[rows, vocab]`` after ``ids`` for each of
         ``perspectives`` (one forward for the rows; the fused engine also shares their lower blocks)."""
-        group = session if session is not None else uuid.uuid4().hex
-        rows = [Row(session_key(session, p), ids, p, group) for p in perspectives]
-        outs = await self.batcher.submit(rows)
+        outs = await self._submit_rows(ids, perspectives, session)
         return {
             "logits": np.stack([o.logits for o in outs]),
             "ran": [o.ran for o in outs],
             "hit": [o.hit for o in outs],
             "version": self._version(),
         }
+
+    async def _submit_rows(self, ids: list[int], perspectives: Sequence[str | None], session: str | None):
+        """One step of a session's rows through the batcher (grouped, so the fused engine shares their trunk)."""
+        group = session if session is not None else uuid.uuid4().hex
+        return await self.batcher.submit([Row(session_key(session, p), ids, p, group) for p in perspectives])
 
     async def decode(
         self, params: GenParams, *, session: str, resumed: bool = False, state: bytes | None = None
@@ -247,7 +250,7 @@ class ModelServer:
         self.decodes += 1
 
         async def step_fn(ids: list[int], first: bool) -> StepLogits:
-            outs = await self.batcher.submit([Row(session_key(session, p), ids, p, session) for p in rows])
+            outs = await self._submit_rows(ids, rows, session)
             logits = torch.from_numpy(np.stack([o.logits for o in outs]))
             replays = 0 if first and not resumed else sum(not o.hit for o in outs)
             versions = dict.fromkeys(params.perspectives, self._version())
